@@ -1,0 +1,60 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install what they need.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Debian packages the tests drive for real (installed only when root and missing).
+APT_PACKAGES := runc containerd docker-registry skopeo umoci busybox-static protobuf-compiler
+ROOT ?= /var/lib/pyctrd
+STATE ?= /run/pyctrd
+ADDRESS ?= $(STATE)/pyctrd.sock
+
+.PHONY: setup run test lint typecheck layers unit proto proto-check bench bench-quick clean
+
+setup: $(STAMP) apt
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "warning: not root, missing Debian packages:$$missing (tests that need them are skipped)"; fi; \
+	fi
+
+run: setup
+	$(BIN)/pyctrd --root $(ROOT) --state $(STATE) --address $(ADDRESS)
+
+lint: setup
+	$(BIN)/ruff check api daemon snapshotter shim ctr tests bench hack
+	$(BIN)/ruff format --check api daemon snapshotter shim ctr tests bench hack
+
+typecheck: setup
+	$(BIN)/mypy api daemon snapshotter shim ctr
+
+layers: setup
+	$(BIN)/python hack/check_layers.py
+
+unit: setup
+	$(BIN)/pytest -q tests/unit
+
+test: setup lint typecheck layers
+	$(BIN)/pytest -q -p no:cacheprovider tests
+
+proto: setup
+	$(BIN)/python -m pyctr.api.protogen api/_pb
+
+bench: setup
+	$(BIN)/python -m bench run
+
+bench-quick: setup
+	$(BIN)/python -m bench run --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info

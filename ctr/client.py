@@ -1,0 +1,79 @@
+"""A small client for pyctrd (or containerd): one channel, the namespace on every call.
+
+Errors come back as our categorised errors (``errdefs.from_status``), so commands can print them
+the way ``ctr`` does.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, TypeVar
+
+from grpclib.client import Channel
+from grpclib.exceptions import GRPCError
+
+from pyctr.api import errdefs, namespaces
+from pyctr.api._pb.containerd.services.events.v1 import EventsStub
+from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
+from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
+from pyctr.api._pb.containerd.services.namespaces.v1 import NamespacesStub
+from pyctr.api._pb.containerd.services.version.v1 import VersionStub
+
+DEFAULT_ADDRESS = "/run/pyctrd/pyctrd.sock"
+S = TypeVar("S")
+
+
+def default_address() -> str:
+    return os.environ.get("PYCTR_ADDRESS") or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
+
+
+class Client:
+    def __init__(self, address: str, namespace: str = namespaces.DEFAULT, timeout: float | None = None) -> None:
+        self.address = address.removeprefix("unix://")
+        self.namespace = namespace
+        self.timeout = timeout
+        self.channel = Channel(path=self.address)
+
+    def stub(self, cls: type[S], namespace: str | None = None) -> S:
+        md = {namespaces.GRPC_HEADER: self.namespace if namespace is None else namespace}
+        return cls(self.channel, timeout=self.timeout, metadata=md)  # type: ignore[call-arg]
+
+    @property
+    def version(self) -> VersionStub:
+        return self.stub(VersionStub)
+
+    @property
+    def namespaces(self) -> NamespacesStub:
+        return self.stub(NamespacesStub)
+
+    @property
+    def introspection(self) -> IntrospectionStub:
+        return self.stub(IntrospectionStub)
+
+    @property
+    def leases(self) -> LeasesStub:
+        return self.stub(LeasesStub)
+
+    @property
+    def events(self) -> EventsStub:
+        return self.stub(EventsStub)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def translate(exc: BaseException, address: str) -> BaseException:
+    """Turn transport and status errors into the errors users should read."""
+    if isinstance(exc, GRPCError):
+        return errdefs.from_status(int(exc.status.value), exc.message or "")
+    if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
+        return errdefs.Unavailable(f'failed to dial "{address}": {exc.strerror or exc}')
+    if isinstance(exc, TimeoutError):
+        return errdefs.DeadlineExceeded(f"call to {address} timed out")
+    return exc

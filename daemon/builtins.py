@@ -1,0 +1,28 @@
+"""Every plugin pyctrd ships, in one explicit list (start order is derived from ``requires``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyctr.daemon import events
+from pyctr.daemon.metadata import plugin as metadata_plugin
+from pyctr.daemon.plugin import Registration
+from pyctr.daemon.services import events as events_service
+from pyctr.daemon.services import health, introspection, leases, namespaces, version
+
+BUILTINS: list[Registration] = [
+    metadata_plugin.REGISTRATION,
+    events.REGISTRATION,
+    version.REGISTRATION,
+    health.REGISTRATION,
+    namespaces.REGISTRATION,
+    events_service.REGISTRATION,
+    events_service.TTRPC_REGISTRATION,
+    leases.REGISTRATION,
+    introspection.REGISTRATION,
+]
+
+
+def plugin_defaults() -> dict[str, dict[str, Any]]:
+    """Each plugin's default configuration table, for ``pyctrd config default``."""
+    return {r.uri: dict(r.config) for r in BUILTINS if r.config}

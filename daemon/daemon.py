@@ -1,0 +1,78 @@
+"""The daemon object: plugins, the gRPC server on the socket and the ttrpc server beside it."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import structlog
+
+from pyctr.api import ttrpc
+from pyctr.daemon import plugin, sdnotify
+from pyctr.daemon.builtins import BUILTINS
+from pyctr.daemon.config import Config
+from pyctr.daemon.server import GRPCServer, SocketInUse, prepare_socket
+
+log = structlog.get_logger("pyctrd")
+
+
+class StartError(RuntimeError):
+    pass
+
+
+class Daemon:
+    def __init__(self, config: Config, registrations: list[plugin.Registration] | None = None) -> None:
+        self.config = config
+        self.registry = plugin.Registry(BUILTINS if registrations is None else registrations, config)
+        self.grpc: GRPCServer | None = None
+        self.ttrpc: ttrpc.Server | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        # Root is private; state holds sockets other users may be given access to.
+        os.makedirs(cfg.root, mode=0o700, exist_ok=True)
+        os.makedirs(cfg.state, mode=0o711, exist_ok=True)
+        try:
+            # Claim the socket before loading plugins, so a second daemon stops before touching state.
+            grpc_sock = prepare_socket(cfg.grpc.address, cfg.grpc.uid, cfg.grpc.gid)
+            ttrpc_sock = prepare_socket(cfg.ttrpc_address, cfg.ttrpc.uid, cfg.ttrpc.gid)
+        except SocketInUse as exc:
+            raise StartError(str(exc)) from None
+        try:
+            await self.registry.init_all()
+        except RuntimeError as exc:
+            grpc_sock.close()
+            ttrpc_sock.close()
+            raise StartError(str(exc)) from None
+
+        services: list[Any] = []
+        for instance in self.registry.instances(plugin.GRPC):
+            services.extend(instance if isinstance(instance, list | tuple) else [instance])
+        self.grpc = GRPCServer(
+            [s for s in services if hasattr(s, "__mapping__")],
+            max_recv=cfg.grpc.max_recv_message_size,
+            max_send=cfg.grpc.max_send_message_size,
+        )
+        self.grpc.path = cfg.grpc.address
+        await self.grpc.server.start(sock=grpc_sock)
+
+        self.ttrpc = ttrpc.Server()
+        for instance in self.registry.instances(plugin.TTRPC):
+            instance.register_ttrpc(self.ttrpc)
+        await self.ttrpc.serve_socket(ttrpc_sock)
+        self._ttrpc_path = cfg.ttrpc_address
+        sdnotify.notify("READY=1")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        sdnotify.notify("STOPPING=1")
+        # Long-lived streams end first, so the drain waits only for real work.
+        for exchange in self.registry.instances(plugin.EVENT):
+            exchange.close()
+        if self.ttrpc is not None:
+            self.ttrpc.close()
+            await self.ttrpc.wait_closed()
+            if os.path.lexists(self._ttrpc_path):
+                os.unlink(self._ttrpc_path)
+        if self.grpc is not None:
+            await self.grpc.stop(grace)
+        await self.registry.close_all()

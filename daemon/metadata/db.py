@@ -1,0 +1,183 @@
+"""The embedded metadata database: one sqlite file under the daemon's root.
+
+Every call runs on one dedicated thread that owns the connection, so the event loop never
+blocks on sqlite and writes are serialised without further locking. A write is one
+``BEGIN IMMEDIATE … COMMIT`` transaction; ``synchronous=FULL`` in WAL mode makes a commit durable
+before it returns, so a SIGKILL at any point leaves either the old or the new state.
+
+Schema (version 1; every change is a new migration in ``MIGRATIONS``, never an edit of an old one):
+
+    meta(key PK, value)                      -- server uuid, …
+    namespaces(name PK, labels JSON, created_at ns, updated_at ns)
+    leases(namespace, id, labels JSON, created_at ns)              PK(namespace, id)
+    lease_resources(namespace, lease, type, id)                    PK(namespace, lease, type, id)
+        type is containerd's resource type: "content", "ingests", "snapshots/<snapshotter>".
+
+Timestamps are integer nanoseconds since the Unix epoch (UTC). Labels are JSON objects.
+A namespace row exists once anything was created in it (namespaces are implicit, as in
+containerd); other tables reference it by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Each entry moves the schema from version i to i+1; applied in one transaction each.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE namespaces (
+        name TEXT PRIMARY KEY,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    CREATE TABLE leases (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, id)
+    );
+    CREATE TABLE lease_resources (
+        namespace TEXT NOT NULL,
+        lease TEXT NOT NULL,
+        type TEXT NOT NULL,
+        id TEXT NOT NULL,
+        PRIMARY KEY (namespace, lease, type, id),
+        FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
+    );
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def dump_labels(labels: dict[str, str] | None) -> str:
+    return json.dumps(dict(sorted((labels or {}).items())), separators=(",", ":"))
+
+
+def load_labels(text: str | None) -> dict[str, str]:
+    return dict(json.loads(text)) if text else {}
+
+
+class DB:
+    """The metadata database; create with :meth:`open`, which also migrates the schema."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata")
+        self._conn: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: str) -> DB:
+        db = cls(path)
+        await db._run(db._connect)
+        return db
+
+    def _connect(self) -> None:
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.row_factory = sqlite3.Row
+        self._conn = conn
+        self._migrate(conn)
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"metadata schema version {version} is newer than this pyctrd understands ({SCHEMA_VERSION})"
+            )
+        for i in range(version, SCHEMA_VERSION):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in MIGRATIONS[i].split(";"):
+                    if stmt.strip():
+                        conn.execute(stmt)
+                conn.execute(f"PRAGMA user_version = {i + 1}")
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, fn)
+
+    async def view(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a read transaction (a consistent snapshot)."""
+
+        def job() -> T:
+            conn = self._require()
+            conn.execute("BEGIN")
+            try:
+                return fn(conn)
+            finally:
+                conn.execute("COMMIT")
+
+        return await self._run(job)
+
+    async def update(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in a write transaction: all of it is committed durably, or none of it."""
+
+        def job() -> T:
+            conn = self._require()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._run(job)
+
+    def _require(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise RuntimeError("metadata database is closed")
+        return self._conn
+
+    async def close(self) -> None:
+        def job() -> None:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+        await self._run(job)
+        self._executor.shutdown(wait=True)
+
+
+def ensure_namespace(conn: sqlite3.Connection, namespace: str) -> None:
+    """Namespaces are implicit: any write in one creates it."""
+    t = now_ns()
+    conn.execute(
+        "INSERT OR IGNORE INTO namespaces(name, labels, created_at, updated_at) VALUES (?, '{}', ?, ?)",
+        (namespace, t, t),
+    )
+
+
+def get_meta(conn: sqlite3.Connection, key: str) -> str | None:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: str) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, value))

@@ -1,0 +1,20 @@
+"""containerd.services.version.v1.Version."""
+
+from __future__ import annotations
+
+from pyctr.api._pb.containerd.services.version.v1 import VersionBase, VersionResponse
+from pyctr.api._pb.google.protobuf import Empty
+from pyctr.daemon import plugin
+from pyctr.api.version import REVISION, VERSION
+
+
+class VersionService(VersionBase):
+    async def version(self, message: Empty) -> VersionResponse:
+        return VersionResponse(version=VERSION, revision=REVISION)
+
+
+async def _init(ic: plugin.InitContext) -> VersionService:
+    return VersionService()
+
+
+REGISTRATION = plugin.Registration(type=plugin.GRPC, id="version", init=_init)
