@@ -25,7 +25,9 @@ def validate(s: str) -> str:
     if not s:
         raise InvalidArgument("identifier must not be empty")
     if len(s) > MAX_LENGTH:
-        raise InvalidArgument(f"identifier {goquote(s)} greater than maximum length ({MAX_LENGTH} characters)")
+        raise InvalidArgument(
+            f"identifier {goquote(s)} greater than maximum length ({MAX_LENGTH} characters)"
+        )
     if not _RE.match(s):
         raise InvalidArgument(f"identifier {goquote(s)} must match {PATTERN}")
     return s

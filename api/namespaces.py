@@ -8,6 +8,7 @@ once per request (in the task that runs the handler), and services read it with 
 from __future__ import annotations
 
 import contextvars
+
 from pyctr.api import identifiers
 from pyctr.api.errdefs import FailedPrecondition, InvalidArgument
 

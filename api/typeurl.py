@@ -7,10 +7,10 @@ generated code's message pool knows every generated message under the prefixed U
 
 from __future__ import annotations
 
-from typing import Any
-
 import importlib
 import pkgutil
+from typing import Any
+
 from betterproto2 import Message
 
 _PREFIX = "type.googleapis.com/"
@@ -47,8 +47,8 @@ def marshal(message: Message) -> tuple[str, bytes]:
 
 def lookup(url: str) -> type[Message] | None:
     name = url.removeprefix(_PREFIX)
-    cls = _pool().url_to_type.get(_PREFIX + name)
-    return cls  # type: ignore[no-any-return]
+    cls: type[Message] | None = _pool().url_to_type.get(_PREFIX + name)
+    return cls
 
 
 def unmarshal(url: str, value: bytes) -> Message:

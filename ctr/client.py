@@ -28,7 +28,9 @@ def default_address() -> str:
 
 
 class Client:
-    def __init__(self, address: str, namespace: str = namespaces.DEFAULT, timeout: float | None = None) -> None:
+    def __init__(
+        self, address: str, namespace: str = namespaces.DEFAULT, timeout: float | None = None
+    ) -> None:
         self.address = address.removeprefix("unix://")
         self.namespace = namespace
         self.timeout = timeout

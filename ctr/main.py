@@ -7,7 +7,6 @@ Each noun lives in ``ctr/commands/<noun>.py`` and registers its verbs on the par
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,10 @@ COMMANDS = [version, namespaces, plugins, leases, events]
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyctr", description="pyctr: a client for pyctrd and containerd")
     p.add_argument(
-        "-a", "--address", default=default_address(), help="address of the daemon's socket (env PYCTR_ADDRESS)"
+        "-a",
+        "--address",
+        default=default_address(),
+        help="address of the daemon's socket (env PYCTR_ADDRESS)",
     )
     p.add_argument(
         "-n",
@@ -56,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    except (errdefs.ContainerdError, OSError, TimeoutError, asyncio.TimeoutError, ValueError) as exc:
+    except (errdefs.ContainerdError, OSError, TimeoutError, ValueError) as exc:
         err = translate(exc, args.address)
         print(f"pyctr: {err}", file=sys.stderr)
         return 1

@@ -180,7 +180,6 @@ class Exchange:
             sub.close()
 
 
-
 async def _init(ic: plugin.InitContext) -> Exchange:
     return Exchange()
 

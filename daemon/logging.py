@@ -44,4 +44,6 @@ def configure(level: str = "info", fmt: str = "") -> None:
         cache_logger_on_first_use=True,
     )
     # grpclib and asyncio log through the standard library; keep them at the same level.
-    logging.basicConfig(level=max(LEVELS[level], logging.INFO), stream=sys.stderr, format="%(name)s: %(message)s")
+    logging.basicConfig(
+        level=max(LEVELS[level], logging.INFO), stream=sys.stderr, format="%(name)s: %(message)s"
+    )

@@ -12,10 +12,9 @@ from collections.abc import Sequence
 
 import structlog
 
+from pyctr.api.version import REVISION, VERSION
 from pyctr.daemon import config as cfgmod
 from pyctr.daemon import logging as logmod
-
-from pyctr.api.version import REVISION, VERSION
 
 log = structlog.get_logger("pyctrd")
 
@@ -25,7 +24,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="pyctrd",
         description="pyctrd: a container supervisor that serves containerd's API",
     )
-    p.add_argument("-c", "--config", help=f"path to the configuration file (default {cfgmod.DEFAULT_CONFIG_PATH})")
+    p.add_argument(
+        "-c", "--config", help=f"path to the configuration file (default {cfgmod.DEFAULT_CONFIG_PATH})"
+    )
     p.add_argument("-l", "--log-level", help="log level: trace, debug, info, warn, error, fatal, panic")
     p.add_argument("-a", "--address", help="address for pyctrd's gRPC server")
     p.add_argument("--root", help="pyctrd root directory")
@@ -82,14 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pyctrd: {exc}", file=sys.stderr)
         return 1
 
+    import uvloop
+
     from pyctr.daemon.daemon import Daemon, StartError
-
-    try:
-        import uvloop
-
-        runner = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is a Linux dependency
-        runner = asyncio.run
 
     async def serve() -> int:
         daemon = Daemon(cfg)
@@ -114,7 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         await daemon.stop()
         return 0
 
-    return runner(serve())
+    return uvloop.run(serve())
 
 
 if __name__ == "__main__":

@@ -204,7 +204,9 @@ class Registry:
         ]
         missing = set(self.config.required_plugins) - {p.registration.uri for p in self.plugins}
         if failed_required or missing:
-            raise RuntimeError(f"required plugins failed to load: {', '.join(sorted([*failed_required, *missing]))}")
+            raise RuntimeError(
+                f"required plugins failed to load: {', '.join(sorted([*failed_required, *missing]))}"
+            )
 
     def instances(self, type_: str) -> list[Any]:
         return [p.instance for p in self.plugins if p.registration.type == type_ and p.error is None]

@@ -71,7 +71,7 @@ class _Empty:
 
 
 class _FallbackMapping(dict[str, Handler]):
-    def get(self, key: str, default: Any = None) -> Handler:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Handler:
         found = super().get(key)
         if found is not None:
             return found
@@ -113,7 +113,9 @@ def prepare_socket(path: str, uid: int = 0, gid: int = 0, mode: int = 0o660) -> 
                 raise
             os.unlink(path)  # stale: nobody listens there any more
         else:
-            raise SocketInUse(f"{path} is in use by a running server; is another pyctrd or containerd using it?")
+            raise SocketInUse(
+                f"{path} is in use by a running server; is another pyctrd or containerd using it?"
+            )
         finally:
             probe.close()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

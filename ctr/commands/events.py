@@ -59,6 +59,7 @@ async def run(args: argparse.Namespace, client: Client) -> int:
                 separators=(",", ":"),
             )
         else:
-            line = f"{go_time(env.timestamp)} {env.namespace} {env.topic} {json.dumps(body, separators=(',', ':'))}"
+            body_json = json.dumps(body, separators=(",", ":"))
+            line = f"{go_time(env.timestamp)} {env.namespace} {env.topic} {body_json}"
         print(line, flush=True)
     return 0

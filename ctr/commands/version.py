@@ -7,9 +7,9 @@ import platform
 from typing import Any
 
 from pyctr.api._pb.google.protobuf import Empty
+from pyctr.api.version import REVISION, VERSION
 from pyctr.ctr import output
 from pyctr.ctr.client import Client
-from pyctr.api.version import REVISION, VERSION
 
 
 def register(sub: Any) -> None:

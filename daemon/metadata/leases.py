@@ -72,7 +72,9 @@ def create(conn: sqlite3.Connection, namespace: str, lease_id: str, lbls: dict[s
 
 
 def _require(conn: sqlite3.Connection, namespace: str, lease_id: str) -> None:
-    if not conn.execute("SELECT 1 FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)).fetchone():
+    if not conn.execute(
+        "SELECT 1 FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)
+    ).fetchone():
         raise NotFound(f"lease {identifiers.goquote(lease_id)}")
 
 
@@ -83,7 +85,9 @@ def delete(conn: sqlite3.Connection, namespace: str, lease_id: str) -> None:
 
 
 def exists(conn: sqlite3.Connection, namespace: str, lease_id: str) -> bool:
-    row = conn.execute("SELECT 1 FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)).fetchone()
+    row = conn.execute(
+        "SELECT 1 FROM leases WHERE namespace = ? AND id = ?", (namespace, lease_id)
+    ).fetchone()
     return row is not None
 
 

@@ -45,7 +45,9 @@ class NamespacesService(NamespacesBase):
     async def create(self, message: CreateNamespaceRequest) -> CreateNamespaceResponse:
         ns = message.namespace or Namespace()
         created = await self.db.update(lambda c: store.create(c, ns.name, dict(ns.labels)))
-        self.exchange.publish(created.name, "/namespaces/create", NamespaceCreate(name=created.name, labels=created.labels))
+        self.exchange.publish(
+            created.name, "/namespaces/create", NamespaceCreate(name=created.name, labels=created.labels)
+        )
         return CreateNamespaceResponse(namespace=Namespace(name=created.name, labels=created.labels))
 
     async def update(self, message: UpdateNamespaceRequest) -> UpdateNamespaceResponse:
@@ -69,7 +71,9 @@ class NamespacesService(NamespacesBase):
             return store.get_labels(c, ns.name)
 
         lbls = await self.db.update(job)
-        self.exchange.publish(ns.name, "/namespaces/update", NamespaceUpdate(name=ns.name, labels=dict(ns.labels)))
+        self.exchange.publish(
+            ns.name, "/namespaces/update", NamespaceUpdate(name=ns.name, labels=dict(ns.labels))
+        )
         return UpdateNamespaceResponse(namespace=Namespace(name=ns.name, labels=lbls))
 
     async def delete(self, message: DeleteNamespaceRequest) -> Empty:

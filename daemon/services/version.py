@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pyctr.api._pb.containerd.services.version.v1 import VersionBase, VersionResponse
 from pyctr.api._pb.google.protobuf import Empty
-from pyctr.daemon import plugin
 from pyctr.api.version import REVISION, VERSION
+from pyctr.daemon import plugin
 
 
 class VersionService(VersionBase):
