@@ -5,20 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from pyctr.daemon import events
+from pyctr.daemon.gc import plugin as gc_plugin
 from pyctr.daemon.metadata import plugin as metadata_plugin
 from pyctr.daemon.plugin import Registration
+from pyctr.daemon.services import content, health, introspection, leases, namespaces, version
 from pyctr.daemon.services import events as events_service
-from pyctr.daemon.services import health, introspection, leases, namespaces, version
 
 BUILTINS: list[Registration] = [
     metadata_plugin.REGISTRATION,
     events.REGISTRATION,
+    content.STORE_REGISTRATION,
+    gc_plugin.REGISTRATION,
     version.REGISTRATION,
     health.REGISTRATION,
     namespaces.REGISTRATION,
     events_service.REGISTRATION,
     events_service.TTRPC_REGISTRATION,
     leases.REGISTRATION,
+    content.REGISTRATION,
     introspection.REGISTRATION,
 ]
 

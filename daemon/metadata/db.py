@@ -13,6 +13,13 @@ Schema (version 1; every change is a new migration in ``MIGRATIONS``, never an e
     lease_resources(namespace, lease, type, id)                    PK(namespace, lease, type, id)
         type is containerd's resource type: "content", "ingests", "snapshots/<snapshotter>".
 
+Version 2 (content):
+
+    content(namespace, digest, size, labels JSON, created_at, updated_at)    PK(namespace, digest)
+        a blob is visible in a namespace only through its row here; the bytes are shared on disk.
+    ingests(namespace, ref, bref, expected, expires_at ns or 0)             PK(namespace, ref)
+        bref is the backend ref "<namespace>/<ref>"; expires_at 0 means held by a lease.
+
 Timestamps are integer nanoseconds since the Unix epoch (UTC). Labels are JSON objects.
 A namespace row exists once anything was created in it (namespaces are implicit, as in
 containerd); other tables reference it by name.
@@ -55,6 +62,26 @@ MIGRATIONS: list[str] = [
         id TEXT NOT NULL,
         PRIMARY KEY (namespace, lease, type, id),
         FOREIGN KEY (namespace, lease) REFERENCES leases(namespace, id) ON DELETE CASCADE
+    );
+    """,
+    """
+    CREATE TABLE content (
+        namespace TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, digest)
+    );
+    CREATE INDEX content_by_digest ON content(digest);
+    CREATE TABLE ingests (
+        namespace TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        bref TEXT NOT NULL,
+        expected TEXT NOT NULL DEFAULT '',
+        expires_at INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (namespace, ref)
     );
     """,
 ]

@@ -9,9 +9,9 @@ from pyctr.api import identifiers, labels
 from pyctr.api.errdefs import AlreadyExists, FailedPrecondition, NotFound
 from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns
 
-# Tables whose rows keep a namespace from being deleted, with the word containerd uses for them.
-# Later schema versions register their own tables here (images, blobs, containers, snapshots).
-OWNED_TABLES: list[tuple[str, str]] = []
+# Tables whose rows keep a namespace from being deleted, with the word containerd uses for them,
+# in containerd's order. Each schema version that adds such a table adds it here.
+OWNED_TABLES: list[tuple[str, str]] = [("content", "blobs")]
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ def delete(conn: sqlite3.Connection, name: str) -> None:
         raise FailedPrecondition(
             f"namespace {identifiers.goquote(name)} must be empty, but it still has {', '.join(owned)}"
         )
-    # Leases go with their namespace, as their bucket does in containerd.
+    # Leases and unfinished ingests go with their namespace, as their buckets do in containerd.
+    conn.execute("DELETE FROM ingests WHERE namespace = ?", (name,))
     conn.execute("DELETE FROM lease_resources WHERE namespace = ?", (name,))
     conn.execute("DELETE FROM leases WHERE namespace = ?", (name,))
     conn.execute("DELETE FROM namespaces WHERE name = ?", (name,))

@@ -7,6 +7,7 @@ from pyctr.api._pb.containerd.services.leases import v1 as pb
 from pyctr.api._pb.google.protobuf import Empty
 from pyctr.api.errdefs import InvalidArgument
 from pyctr.daemon import plugin
+from pyctr.daemon.gc.scheduler import Scheduler
 from pyctr.daemon.metadata import leases as store
 from pyctr.daemon.metadata.db import DB
 
@@ -22,9 +23,8 @@ def _resource(r: pb.Resource | None) -> store.Resource:
 
 
 class LeasesService(pb.LeasesBase):
-    def __init__(self, db: DB, gc: object | None = None) -> None:
+    def __init__(self, db: DB, gc: Scheduler | None = None) -> None:
         self.db = db
-        # The garbage collector arrives with the content store; until then sync has nothing to wait for.
         self.gc = gc
 
     async def create(self, message: pb.CreateRequest) -> pb.CreateResponse:
@@ -36,8 +36,11 @@ class LeasesService(pb.LeasesBase):
     async def delete(self, message: pb.DeleteRequest) -> Empty:
         ns = namespaces.required()
         await self.db.update(lambda c: store.delete(c, ns, message.id))
-        if message.sync and self.gc is not None:
-            await self.gc.collect()  # type: ignore[attr-defined]
+        if self.gc is not None:
+            if message.sync:
+                await self.gc.collect_now()
+            else:
+                self.gc.deleted()
         return Empty()
 
     async def list(self, message: pb.ListRequest) -> pb.ListResponse:
@@ -64,7 +67,13 @@ class LeasesService(pb.LeasesBase):
 
 
 async def _init(ic: plugin.InitContext) -> LeasesService:
-    return LeasesService(ic.get(plugin.METADATA))
+    try:
+        gc = ic.get(plugin.GC)
+    except plugin.PluginNotFound:
+        gc = None  # without a collector nothing is ever reclaimed; sync has nothing to wait for
+    return LeasesService(ic.get(plugin.METADATA), gc)
 
 
-REGISTRATION = plugin.Registration(type=plugin.GRPC, id="leases", init=_init, requires=(plugin.METADATA,))
+REGISTRATION = plugin.Registration(
+    type=plugin.GRPC, id="leases", init=_init, requires=(plugin.METADATA, plugin.GC)
+)

@@ -9,6 +9,7 @@ __all__ = (
     "ContainerCreateRuntime",
     "ContainerDelete",
     "ContainerUpdate",
+    "ContentCreate",
     "ContentDelete",
     "NamespaceCreate",
     "NamespaceDelete",
@@ -91,6 +92,22 @@ class ContainerUpdate(betterproto2.Message):
 
 
 default_message_pool.register_message("containerd.events", "ContainerUpdate", ContainerUpdate)
+
+
+@dataclass(eq=False, repr=False)
+class ContentCreate(betterproto2.Message):
+    """
+    Published once a blob is committed into a namespace.
+    """
+
+    digest: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+
+    size: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
+
+    media_type: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+
+default_message_pool.register_message("containerd.events", "ContentCreate", ContentCreate)
 
 
 @dataclass(eq=False, repr=False)

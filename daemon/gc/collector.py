@@ -1,0 +1,186 @@
+"""The collector: mark from the metadata, sweep what nothing reaches, in one write transaction.
+
+The whole mark and the metadata sweep run as one transaction on the metadata thread, so no
+writer can change the graph between them. Deleting blob files happens afterwards, under the
+content lock held exclusively, which keeps a commit from publishing a blob that the sweep is
+about to remove (commits hold the same lock shared).
+
+Resource kinds register a :class:`Resource` description; content, ingests and leases are
+built in, and snapshots, images and containers add theirs as they arrive.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import structlog
+
+from pyctr.api import labels as labelkeys
+from pyctr.daemon.content.local import LocalStore
+from pyctr.daemon.gc import mark as gcmark
+from pyctr.daemon.gc.mark import Node
+from pyctr.daemon.metadata.db import DB, load_labels
+from pyctr.daemon.rwlock import RWLock
+
+log = structlog.get_logger("pyctrd.gc")
+
+
+@dataclass
+class Graph:
+    """Everything the marker needs: the nodes, which are roots, and their references."""
+
+    nodes: set[Node] = field(default_factory=set)
+    roots: set[Node] = field(default_factory=set)
+    edges: dict[Node, list[Node]] = field(default_factory=lambda: defaultdict(list))
+    flat: set[Node] = field(default_factory=set)
+
+    def add(self, node: Node, refs: Iterable[Node] = (), root: bool = False) -> None:
+        self.nodes.add(node)
+        if root:
+            self.roots.add(node)
+        self.edges[node].extend(refs)
+
+
+@dataclass(frozen=True)
+class Resource:
+    """A kind of object the collector knows: how to load it into the graph and remove it."""
+
+    kind: str
+    load: Callable[[sqlite3.Connection, Graph, int], None]
+    remove: Callable[[sqlite3.Connection, Node], None]
+
+
+@dataclass
+class Stats:
+    removed: dict[str, int] = field(default_factory=dict)
+    blobs_deleted: int = 0
+    seconds: float = 0.0
+
+
+def parse_expiry(value: str) -> int | None:
+    """An RFC 3339 time in ns, or None when unparsable (containerd then keeps the lease)."""
+    import datetime
+
+    try:
+        dt = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=datetime.UTC)
+    return int(dt.timestamp() * 1e9)
+
+
+def _load_leases(conn: sqlite3.Connection, g: Graph, now: int) -> None:
+    resources: dict[tuple[str, str], list[Node]] = defaultdict(list)
+    for r in conn.execute("SELECT namespace, lease, type, id FROM lease_resources"):
+        ns, lease, typ, ident = r
+        if typ == "content":
+            node = (gcmark.CONTENT, ns, ident)
+        elif typ == "ingests":
+            node = (gcmark.INGEST, ns, ident)
+        elif typ.startswith("snapshots/"):
+            node = (gcmark.SNAPSHOT, ns, f"{typ.split('/', 1)[1]}/{ident}")
+        else:
+            continue
+        resources[(ns, lease)].append(node)
+    for ns, ident, text in conn.execute("SELECT namespace, id, labels FROM leases"):
+        lbls = load_labels(text)
+        node = (gcmark.LEASE, ns, ident)
+        expiry = lbls.get(labelkeys.GC_EXPIRE)
+        expired = False
+        if expiry:
+            when = parse_expiry(expiry)
+            expired = when is not None and when < now
+        g.add(node, resources[(ns, ident)], root=not expired)
+        if labelkeys.GC_FLAT in lbls:
+            g.flat.add(node)
+
+
+def _remove_lease(conn: sqlite3.Connection, node: Node) -> None:
+    _, ns, ident = node
+    conn.execute("DELETE FROM lease_resources WHERE namespace = ? AND lease = ?", (ns, ident))
+    conn.execute("DELETE FROM leases WHERE namespace = ? AND id = ?", (ns, ident))
+
+
+def _load_content(conn: sqlite3.Connection, g: Graph, now: int) -> None:
+    for ns, dgst, text in conn.execute("SELECT namespace, digest, labels FROM content"):
+        lbls = load_labels(text)
+        g.add((gcmark.CONTENT, ns, dgst), gcmark.label_refs(ns, lbls), root=gcmark.is_root(lbls))
+
+
+def _remove_content(conn: sqlite3.Connection, node: Node) -> None:
+    conn.execute("DELETE FROM content WHERE namespace = ? AND digest = ?", (node[1], node[2]))
+
+
+def _load_ingests(conn: sqlite3.Connection, g: Graph, now: int) -> None:
+    # A leased ingest (expires_at 0) lives through its lease; an unleased one for a day.
+    for ns, ref, expires in conn.execute("SELECT namespace, ref, expires_at FROM ingests"):
+        g.add((gcmark.INGEST, ns, ref), root=expires > now)
+
+
+def _remove_ingest(conn: sqlite3.Connection, node: Node) -> None:
+    conn.execute("DELETE FROM ingests WHERE namespace = ? AND ref = ?", (node[1], node[2]))
+
+
+BUILTIN_RESOURCES = [
+    Resource(gcmark.LEASE, _load_leases, _remove_lease),
+    Resource(gcmark.CONTENT, _load_content, _remove_content),
+    Resource(gcmark.INGEST, _load_ingests, _remove_ingest),
+]
+
+
+class Collector:
+    def __init__(self, db: DB, local: LocalStore | None, lock: RWLock) -> None:
+        self.db = db
+        self.local = local
+        self.lock = lock
+        self.resources: dict[str, Resource] = {r.kind: r for r in BUILTIN_RESOURCES}
+
+    def register(self, resource: Resource) -> None:
+        self.resources[resource.kind] = resource
+
+    def _mark_and_sweep(self, conn: sqlite3.Connection) -> tuple[dict[str, int], list[str], set[str]]:
+        now = time.time_ns()
+        g = Graph()
+        for r in self.resources.values():
+            r.load(conn, g, now)
+        live = gcmark.mark(g.roots, lambda n: g.edges.get(n, ()), lambda n: n in g.flat)
+        removed: dict[str, int] = defaultdict(int)
+        for node in sorted(g.nodes - live):
+            resource = self.resources.get(node[0])
+            if resource is not None:
+                resource.remove(conn, node)
+                removed[node[0]] += 1
+        # What the backend still holds that no namespace refers to any more.
+        kept_digests = {r[0] for r in conn.execute("SELECT DISTINCT digest FROM content")}
+        kept_brefs = {r[0] for r in conn.execute("SELECT bref FROM ingests")}
+        return dict(removed), sorted(kept_digests), kept_brefs
+
+    async def collect(self) -> Stats:
+        started = time.monotonic()
+        async with self.lock.writer():
+            removed, kept, kept_brefs = await self.db.update(self._mark_and_sweep)
+            deleted = 0
+            if self.local is not None:
+                kept_set = set(kept)
+                for dgst in self.local.walk():
+                    if dgst not in kept_set:
+                        try:
+                            await self.local.delete(dgst)
+                            deleted += 1
+                        except Exception as exc:  # a blob that vanished meanwhile is fine
+                            log.debug("blob removal failed", digest=dgst, error=str(exc))
+                for bref in self.local.ingest_refs():
+                    if bref not in kept_brefs and not self.local.locked(bref):
+                        try:
+                            await self.local.abort(bref)
+                        except Exception as exc:
+                            log.debug("ingest removal failed", ref=bref, error=str(exc))
+        stats = Stats(removed, deleted, time.monotonic() - started)
+        if removed or deleted:
+            log.info("garbage collected", removed=removed, blobs=deleted, seconds=round(stats.seconds, 4))
+        return stats

@@ -1,0 +1,174 @@
+"""containerd.services.content.v1.Content: a thin edge over ``daemon/content/store.py``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from pyctr.api import namespaces, pbutil
+from pyctr.api._pb.containerd.events import ContentCreate, ContentDelete
+from pyctr.api._pb.containerd.services.content import v1 as pb
+from pyctr.api._pb.google.protobuf import Empty
+from pyctr.api.errdefs import AlreadyExists, InvalidArgument, OutOfRange
+from pyctr.daemon import plugin
+from pyctr.daemon.content.local import LocalStore
+from pyctr.daemon.content.store import ContentStore, NamespacedWriter, Status
+from pyctr.daemon.events import Exchange
+from pyctr.daemon.metadata import content as meta
+
+LIST_BATCH = 100  # infos per List message, as containerd batches them
+
+
+def info_message(info: meta.Info) -> pb.Info:
+    return pb.Info(
+        digest=info.digest,
+        size=info.size,
+        created_at=pbutil.timestamp(info.created_at),
+        updated_at=pbutil.timestamp(info.updated_at),
+        labels=info.labels,
+    )
+
+
+def status_message(st: Status) -> pb.Status:
+    return pb.Status(
+        started_at=pbutil.timestamp(st.started_at),
+        updated_at=pbutil.timestamp(st.updated_at),
+        ref=st.ref,
+        offset=st.offset,
+        total=st.total,
+        expected=st.expected,
+    )
+
+
+class ContentService(pb.ContentBase):
+    def __init__(self, store: ContentStore, exchange: Exchange) -> None:
+        self.store = store
+        self.exchange = exchange
+
+    async def info(self, message: pb.InfoRequest) -> pb.InfoResponse:
+        info = await self.store.info(namespaces.required(), message.digest)
+        return pb.InfoResponse(info=info_message(info))
+
+    async def update(self, message: pb.UpdateRequest) -> pb.UpdateResponse:
+        ns = namespaces.required()
+        if message.info is None:
+            raise InvalidArgument("info must be set")
+        paths = list(message.update_mask.paths) if message.update_mask else []
+        info = await self.store.update(ns, message.info.digest, dict(message.info.labels), paths)
+        return pb.UpdateResponse(info=info_message(info))
+
+    async def list(self, message: pb.ListContentRequest) -> AsyncIterator[pb.ListContentResponse]:
+        infos = await self.store.list(namespaces.required(), message.filters)
+        for i in range(0, len(infos), LIST_BATCH):
+            yield pb.ListContentResponse(info=[info_message(x) for x in infos[i : i + LIST_BATCH]])
+
+    async def delete(self, message: pb.DeleteContentRequest) -> Empty:
+        ns = namespaces.required()
+        await self.store.delete(ns, message.digest)
+        self.exchange.publish(ns, "/content/delete", ContentDelete(digest=message.digest))
+        return Empty()
+
+    async def read(self, message: pb.ReadContentRequest) -> AsyncIterator[pb.ReadContentResponse]:
+        chunks = await self.store.read(namespaces.required(), message.digest, message.offset, message.size)
+        async for offset, data in chunks:
+            yield pb.ReadContentResponse(offset=offset, data=data)
+
+    async def status(self, message: pb.StatusRequest) -> pb.StatusResponse:
+        st = await self.store.status(namespaces.required(), message.ref)
+        return pb.StatusResponse(status=status_message(st))
+
+    async def list_statuses(self, message: pb.ListStatusesRequest) -> pb.ListStatusesResponse:
+        statuses = await self.store.list_statuses(namespaces.required(), message.filters)
+        return pb.ListStatusesResponse(statuses=[status_message(s) for s in statuses])
+
+    async def abort(self, message: pb.AbortRequest) -> Empty:
+        await self.store.abort(namespaces.required(), message.ref, namespaces.lease.get())
+        return Empty()
+
+    async def write(
+        self, messages: AsyncIterator[pb.WriteContentRequest]
+    ) -> AsyncIterator[pb.WriteContentResponse]:
+        """The STAT / WRITE / COMMIT session: one reply per request, done after COMMIT."""
+        ns = namespaces.required()
+        first = await anext(messages, None)
+        if first is None:
+            return
+        if not first.ref:
+            raise InvalidArgument("first message must have a reference")
+        total, expected = first.total, first.expected
+        w = await self.store.writer(ns, first.ref, total, expected, namespaces.lease.get())
+        try:
+            req: pb.WriteContentRequest | None = first
+            while req is not None:
+                resp, done = await self._step(ns, w, req, total, expected)
+                if req.expected:
+                    expected = req.expected
+                if req.total > 0:
+                    total = req.total
+                yield resp
+                if done:
+                    return
+                req = await anext(messages, None)
+        finally:
+            w.close()
+
+    async def _step(
+        self, ns: str, w: NamespacedWriter, req: pb.WriteContentRequest, total: int, expected: str
+    ) -> tuple[pb.WriteContentResponse, bool]:
+        st = w.status()
+        resp = pb.WriteContentResponse(action=req.action, offset=st.offset)
+        if req.expected:
+            expected = req.expected
+            if self.store.local.exists(expected) and await self._visible(ns, expected):
+                w.close()
+                await self.store.abort(ns, w.ingest.ref, w.lease)
+                raise AlreadyExists(f"blob with expected digest {expected} exists")
+        if req.total > 0:
+            total = req.total
+        if req.action == pb.WriteAction.STAT:
+            resp.digest = w.digest()
+            resp.started_at = pbutil.timestamp(st.started_at)
+            resp.updated_at = pbutil.timestamp(st.updated_at)
+            resp.total = total
+            return resp, False
+        if req.action not in (pb.WriteAction.WRITE, pb.WriteAction.COMMIT):
+            raise InvalidArgument(f"unknown write action {int(req.action)}")
+        if req.offset > 0 and req.offset != st.offset:
+            raise OutOfRange(f"write @{req.offset} must occur at current offset {st.offset}")
+        if req.offset == 0 and st.offset > 0:
+            await w.truncate(0)
+            resp.offset = 0
+        if req.data:
+            resp.offset += await w.write(req.data)
+        if req.action == pb.WriteAction.COMMIT:
+            dgst = await w.commit(total, expected, dict(req.labels))
+            resp.digest = dgst
+            self.exchange.publish(ns, "/content/create", ContentCreate(digest=dgst, size=resp.offset))
+            return resp, True
+        resp.digest = w.digest()
+        return resp, False
+
+    async def _visible(self, ns: str, dgst: str) -> bool:
+        try:
+            await self.store.info(ns, dgst)
+        except Exception:
+            return False
+        return True
+
+
+async def _init_store(ic: plugin.InitContext) -> ContentStore:
+    ic.exports["root"] = ic.root
+    return ContentStore(ic.get(plugin.METADATA), LocalStore(ic.root))
+
+
+STORE_REGISTRATION = plugin.Registration(
+    type=plugin.CONTENT, id="content", init=_init_store, requires=(plugin.METADATA,)
+)
+
+
+async def _init(ic: plugin.InitContext) -> ContentService:
+    return ContentService(ic.get(plugin.CONTENT), ic.get(plugin.EVENT))
+
+
+REGISTRATION = plugin.Registration(
+    type=plugin.GRPC, id="content", init=_init, requires=(plugin.CONTENT, plugin.EVENT)
+)
