@@ -11,6 +11,8 @@ from pyctr.daemon.builtins import plugin_defaults
 def test_default_config_round_trips() -> None:
     text = config.to_toml(config.Config(), plugin_defaults())
     parsed = config.from_dict(tomllib.loads(text))
+    assert parsed.plugins == plugin_defaults()
+    parsed.plugins = {}
     assert parsed == config.Config()
     assert parsed.ttrpc_address == "/run/pyctrd/pyctrd.sock.ttrpc"
 
