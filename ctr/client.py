@@ -13,6 +13,7 @@ from grpclib.client import Channel
 from grpclib.exceptions import GRPCError
 
 from pyctr.api import errdefs, namespaces
+from pyctr.api._pb.containerd.services.content.v1 import ContentStub
 from pyctr.api._pb.containerd.services.events.v1 import EventsStub
 from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
 from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
@@ -55,6 +56,10 @@ class Client:
     @property
     def leases(self) -> LeasesStub:
         return self.stub(LeasesStub)
+
+    @property
+    def content(self) -> ContentStub:
+        return self.stub(ContentStub)
 
     @property
     def events(self) -> EventsStub:

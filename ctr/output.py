@@ -54,3 +54,49 @@ def _default(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+_SIZE_UNITS = ["B", "kB", "MB", "GB", "TB", "PB", "EB", "ZB", "YB"]
+
+
+def human_size(size: float) -> str:
+    """Decimal units with four significant digits, as Docker's go-units prints them."""
+    i = 0
+    while size >= 1000 and i < len(_SIZE_UNITS) - 1:
+        size /= 1000
+        i += 1
+    return f"{size:.4g}{_SIZE_UNITS[i]}"
+
+
+def human_duration(seconds: float) -> str:
+    """A rough age ("2 minutes", "About an hour"), as Docker's go-units prints it."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = s // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = int(seconds / 3600 + 0.5)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{int(seconds / 3600) // 24 // 365} years"
+
+
+def age(ts: datetime.datetime | None) -> str:
+    if ts is None:
+        return "-"
+    return human_duration((datetime.datetime.now(datetime.UTC) - ts).total_seconds())
