@@ -1,6 +1,7 @@
 # The two commands a newcomer needs: `make run` and `make test`. Both install what they need.
 SHELL := /bin/bash
 PY ?= python3
+SRC := $(wildcard api daemon snapshotter shim ctr tests bench hack)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -32,8 +33,8 @@ run: setup
 	$(BIN)/pyctrd --root $(ROOT) --state $(STATE) --address $(ADDRESS)
 
 lint: setup
-	$(BIN)/ruff check api daemon snapshotter shim ctr tests bench hack
-	$(BIN)/ruff format --check api daemon snapshotter shim ctr tests bench hack
+	$(BIN)/ruff check $(SRC)
+	$(BIN)/ruff format --check $(SRC)
 
 typecheck: setup
 	$(BIN)/mypy api daemon snapshotter shim ctr

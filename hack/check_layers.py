@@ -63,7 +63,9 @@ def check() -> list[str]:
                     if parts[0] != "pyctr" or len(parts) < 2:
                         continue
                     if parts[1] not in ALLOWED[folder]:
-                        problems.append(f"{rel}:{lineno}: {folder} may not import {target} (layer {parts[1]})")
+                        problems.append(
+                            f"{rel}:{lineno}: {folder} may not import {target} (layer {parts[1]})"
+                        )
     return problems
 
 

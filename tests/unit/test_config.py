@@ -55,5 +55,5 @@ def test_invalid_toml_names_the_file(tmp_path: object) -> None:
 
     p = pathlib.Path(str(tmp_path)) / "bad.toml"
     p.write_text("version = = 2\n")
-    with pytest.raises(config.ConfigError, match="bad.toml"):
+    with pytest.raises(config.ConfigError, match=r"bad\.toml"):
         config.load(str(p))

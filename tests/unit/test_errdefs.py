@@ -53,7 +53,9 @@ def test_namespace_required_messages() -> None:
         with pytest.raises(errdefs.FailedPrecondition, match="namespace is required: failed precondition"):
             namespaces.required()
         namespaces.current.set("bad!")
-        with pytest.raises(errdefs.InvalidArgument, match=r'^namespace validation: identifier "bad!" must match'):
+        with pytest.raises(
+            errdefs.InvalidArgument, match=r'^namespace validation: identifier "bad!" must match'
+        ):
             namespaces.required()
         namespaces.current.set("moby")
         assert namespaces.required() == "moby"

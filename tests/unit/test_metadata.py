@@ -59,7 +59,9 @@ def test_namespace_with_objects_cannot_be_deleted(tmp_path: object) -> None:
     run(path, add_table)
     namespaces.OWNED_TABLES.append(("images_t", "images"))
     try:
-        with pytest.raises(FailedPrecondition, match='namespace "k8s.io" must be empty, but it still has images'):
+        with pytest.raises(
+            FailedPrecondition, match=r'namespace "k8s\.io" must be empty, but it still has images'
+        ):
             run(path, lambda c: namespaces.delete(c, "k8s.io"))
     finally:
         namespaces.OWNED_TABLES.remove(("images_t", "images"))

@@ -50,7 +50,11 @@ def test_failures_are_recorded_and_propagate_to_dependents(tmp_path: object) -> 
 
     cfg = Config(root=f"{tmp_path}/r", state=f"{tmp_path}/s")
     registry = plugin.Registry(
-        [reg("meta", "db", init=broken), reg("grpc", "x", ("meta",), init=needs_meta), reg("snap", "b", init=skipped)],
+        [
+            reg("meta", "db", init=broken),
+            reg("grpc", "x", ("meta",), init=needs_meta),
+            reg("snap", "b", init=skipped),
+        ],
         cfg,
     )
     asyncio.run(registry.init_all())
@@ -62,14 +66,16 @@ def test_failures_are_recorded_and_propagate_to_dependents(tmp_path: object) -> 
 
 
 def test_required_and_disabled_plugins(tmp_path: object) -> None:
-    cfg = Config(root=f"{tmp_path}/r", state=f"{tmp_path}/s", disabled_plugins=["a.off"], required_plugins=["a.on"])
+    cfg = Config(
+        root=f"{tmp_path}/r", state=f"{tmp_path}/s", disabled_plugins=["a.off"], required_plugins=["a.on"]
+    )
     registry = plugin.Registry([reg("a", "on"), reg("a", "off")], cfg)
     asyncio.run(registry.init_all())
     assert [p.registration.uri for p in registry.plugins] == ["a.on"]
 
     cfg.required_plugins = ["a.missing"]
     registry = plugin.Registry([reg("a", "on")], cfg)
-    with pytest.raises(RuntimeError, match="a.missing"):
+    with pytest.raises(RuntimeError, match=r"a\.missing"):
         asyncio.run(registry.init_all())
 
 

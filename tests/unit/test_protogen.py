@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from grpclib.const import Cardinality
+
 from pyctr.api import protogen
 from pyctr.api._pb.containerd.events import SnapshotPrepare
 from pyctr.api._pb.containerd.services.containers.v1 import Container
