@@ -8,14 +8,18 @@ from pyctr.daemon import events
 from pyctr.daemon.gc import plugin as gc_plugin
 from pyctr.daemon.metadata import plugin as metadata_plugin
 from pyctr.daemon.plugin import Registration
-from pyctr.daemon.services import content, health, introspection, leases, namespaces, version
+from pyctr.daemon.services import content, health, introspection, leases, namespaces, snapshots, version
 from pyctr.daemon.services import events as events_service
+from pyctr.daemon.snapshots import plugin as snapshots_plugin
 
 BUILTINS: list[Registration] = [
     metadata_plugin.REGISTRATION,
     events.REGISTRATION,
     content.STORE_REGISTRATION,
     gc_plugin.REGISTRATION,
+    snapshots_plugin.OVERLAY_REGISTRATION,
+    snapshots_plugin.NATIVE_REGISTRATION,
+    snapshots_plugin.SERVICE_REGISTRATION,
     version.REGISTRATION,
     health.REGISTRATION,
     namespaces.REGISTRATION,
@@ -23,6 +27,7 @@ BUILTINS: list[Registration] = [
     events_service.TTRPC_REGISTRATION,
     leases.REGISTRATION,
     content.REGISTRATION,
+    snapshots.REGISTRATION,
     introspection.REGISTRATION,
 ]
 

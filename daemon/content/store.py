@@ -12,6 +12,7 @@ the sweep) keeps a sweep from deleting a blob between those two steps.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -65,7 +66,8 @@ class NamespacedWriter:
 
     def status(self) -> IngestStatus:
         if self._w is not None:
-            return self._w.status()
+            # The backend knows the namespaced ref; callers asked for their own.
+            return dataclasses.replace(self._w.status(), ref=self.ingest.ref)
         assert self._shared is not None
         return IngestStatus(self.ingest.ref, self._shared[1], self._shared[1], self._started, self._started)
 
@@ -164,7 +166,7 @@ class ContentStore:
     ) -> None:
         self.db = db
         self.local = local
-        self.lock = lock or RWLock()
+        self.lock = lock or db.gc_lock
         self.on_create = on_create or (lambda ns, dgst, size: None)
         self.on_delete = on_delete or (lambda ns, dgst: None)
 

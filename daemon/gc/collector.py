@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -126,10 +126,29 @@ def _remove_ingest(conn: sqlite3.Connection, node: Node) -> None:
     conn.execute("DELETE FROM ingests WHERE namespace = ? AND ref = ?", (node[1], node[2]))
 
 
+def _load_snapshots(conn: sqlite3.Connection, g: Graph, now: int) -> None:
+    for ns, sn, key, parent, text in conn.execute(
+        "SELECT namespace, snapshotter, key, parent, labels FROM snapshots"
+    ):
+        lbls = load_labels(text)
+        refs = list(gcmark.label_refs(ns, lbls))
+        if parent:
+            refs.append((gcmark.SNAPSHOT, ns, f"{sn}/{parent}"))
+        g.add((gcmark.SNAPSHOT, ns, f"{sn}/{key}"), refs, root=gcmark.is_root(lbls))
+
+
+def _remove_snapshot(conn: sqlite3.Connection, node: Node) -> None:
+    sn, key = node[2].split("/", 1)
+    conn.execute(
+        "DELETE FROM snapshots WHERE namespace = ? AND snapshotter = ? AND key = ?", (node[1], sn, key)
+    )
+
+
 BUILTIN_RESOURCES = [
     Resource(gcmark.LEASE, _load_leases, _remove_lease),
     Resource(gcmark.CONTENT, _load_content, _remove_content),
     Resource(gcmark.INGEST, _load_ingests, _remove_ingest),
+    Resource(gcmark.SNAPSHOT, _load_snapshots, _remove_snapshot),
 ]
 
 
@@ -139,6 +158,9 @@ class Collector:
         self.local = local
         self.lock = lock
         self.resources: dict[str, Resource] = {r.kind: r for r in BUILTIN_RESOURCES}
+        # Backends that hold objects of their own (snapshotters): each removes, after the metadata
+        # sweep and still under the lock, what no record refers to any more; returns a count.
+        self.backend_sweeps: dict[str, Callable[[], Awaitable[int]]] = {}
 
     def register(self, resource: Resource) -> None:
         self.resources[resource.kind] = resource
@@ -180,6 +202,14 @@ class Collector:
                             await self.local.abort(bref)
                         except Exception as exc:
                             log.debug("ingest removal failed", ref=bref, error=str(exc))
+            for name, sweep in self.backend_sweeps.items():
+                try:
+                    n = await sweep()
+                except Exception as exc:
+                    log.warning("backend sweep failed", backend=name, error=str(exc))
+                    continue
+                if n:
+                    removed[f"{name} backend"] = n
         stats = Stats(removed, deleted, time.monotonic() - started)
         if removed or deleted:
             log.info("garbage collected", removed=removed, blobs=deleted, seconds=round(stats.seconds, 4))

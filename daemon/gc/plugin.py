@@ -10,7 +10,8 @@ from pyctr.daemon.gc.scheduler import DEFAULTS, Scheduler
 
 async def _init(ic: plugin.InitContext) -> Scheduler:
     content: ContentStore = ic.get(plugin.CONTENT)
-    collector = Collector(ic.get(plugin.METADATA), content.local, content.lock)
+    db = ic.get(plugin.METADATA)
+    collector = Collector(db, content.local, db.gc_lock)
     scheduler = Scheduler(collector, ic.plugin_config)
     content.on_delete = lambda ns, dgst: scheduler.deleted()
     scheduler.start()

@@ -20,6 +20,14 @@ Version 2 (content):
     ingests(namespace, ref, bref, expected, expires_at ns or 0)             PK(namespace, ref)
         bref is the backend ref "<namespace>/<ref>"; expires_at 0 means held by a lease.
 
+Version 3 (snapshots):
+
+    snapshots(namespace, snapshotter, key, backend_key, parent, kind, labels JSON, created_at,
+              updated_at)                                    PK(namespace, snapshotter, key)
+        parent is the parent's key in the same namespace ('' for none); backend_key is the
+        snapshotter's own key "<namespace>/<seq>/<key>", unique per snapshotter.
+    sequences(name PK, value)                                 counters (backend key numbers)
+
 Timestamps are integer nanoseconds since the Unix epoch (UTC). Labels are JSON objects.
 A namespace row exists once anything was created in it (namespaces are implicit, as in
 containerd); other tables reference it by name.
@@ -35,6 +43,8 @@ import sqlite3
 import time
 from collections.abc import Callable
 from typing import TypeVar
+
+from pyctr.daemon.rwlock import RWLock
 
 T = TypeVar("T")
 
@@ -84,6 +94,23 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (namespace, ref)
     );
     """,
+    """
+    CREATE TABLE snapshots (
+        namespace TEXT NOT NULL,
+        snapshotter TEXT NOT NULL,
+        key TEXT NOT NULL,
+        backend_key TEXT NOT NULL,
+        parent TEXT NOT NULL DEFAULT '',
+        kind INTEGER NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, snapshotter, key)
+    );
+    CREATE UNIQUE INDEX snapshots_backend ON snapshots(snapshotter, backend_key);
+    CREATE INDEX snapshots_parent ON snapshots(namespace, snapshotter, parent);
+    CREATE TABLE sequences (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -108,6 +135,9 @@ class DB:
         self.path = path
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata")
         self._conn: sqlite3.Connection | None = None
+        # Held shared by every change that spans metadata and a backend (blob commits, snapshot
+        # prepares and commits), and exclusively by the collector between mark and sweep.
+        self.gc_lock = RWLock()
 
     @classmethod
     async def open(cls, path: str) -> DB:
@@ -199,6 +229,14 @@ def ensure_namespace(conn: sqlite3.Connection, namespace: str) -> None:
         "INSERT OR IGNORE INTO namespaces(name, labels, created_at, updated_at) VALUES (?, '{}', ?, ?)",
         (namespace, t, t),
     )
+
+
+def next_sequence(conn: sqlite3.Connection, name: str) -> int:
+    conn.execute(
+        "INSERT INTO sequences(name, value) VALUES (?, 1) ON CONFLICT(name) DO UPDATE SET value = value + 1",
+        (name,),
+    )
+    return int(conn.execute("SELECT value FROM sequences WHERE name = ?", (name,)).fetchone()[0])
 
 
 def get_meta(conn: sqlite3.Connection, key: str) -> str | None:

@@ -10,8 +10,16 @@ from pyctr.api.errdefs import AlreadyExists, FailedPrecondition, NotFound
 from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns
 
 # Tables whose rows keep a namespace from being deleted, with the word containerd uses for them,
-# in containerd's order. Each schema version that adds such a table adds it here.
+# in containerd's order (images, blobs, containers, snapshots). Each schema version that adds such
+# a table adds it here.
 OWNED_TABLES: list[tuple[str, str]] = [("content", "blobs")]
+
+
+def _snapshot_words(conn: sqlite3.Connection, name: str) -> list[str]:
+    rows = conn.execute(
+        "SELECT DISTINCT snapshotter FROM snapshots WHERE namespace = ? ORDER BY snapshotter", (name,)
+    )
+    return [f"snapshots on {identifiers.goquote(r[0])} snapshotter" for r in rows]
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ def delete(conn: sqlite3.Connection, name: str) -> None:
         for table, word in OWNED_TABLES
         if conn.execute(f"SELECT 1 FROM {table} WHERE namespace = ? LIMIT 1", (name,)).fetchone()
     ]
+    owned += _snapshot_words(conn, name)
     if owned:
         raise FailedPrecondition(
             f"namespace {identifiers.goquote(name)} must be empty, but it still has {', '.join(owned)}"
