@@ -8,7 +8,17 @@ from pyctr.daemon import events
 from pyctr.daemon.gc import plugin as gc_plugin
 from pyctr.daemon.metadata import plugin as metadata_plugin
 from pyctr.daemon.plugin import Registration
-from pyctr.daemon.services import content, health, introspection, leases, namespaces, snapshots, version
+from pyctr.daemon.services import (
+    content,
+    diff,
+    health,
+    images,
+    introspection,
+    leases,
+    namespaces,
+    snapshots,
+    version,
+)
 from pyctr.daemon.services import events as events_service
 from pyctr.daemon.snapshots import plugin as snapshots_plugin
 
@@ -20,6 +30,7 @@ BUILTINS: list[Registration] = [
     snapshots_plugin.OVERLAY_REGISTRATION,
     snapshots_plugin.NATIVE_REGISTRATION,
     snapshots_plugin.SERVICE_REGISTRATION,
+    diff.DIFFER_REGISTRATION,
     version.REGISTRATION,
     health.REGISTRATION,
     namespaces.REGISTRATION,
@@ -28,6 +39,8 @@ BUILTINS: list[Registration] = [
     leases.REGISTRATION,
     content.REGISTRATION,
     snapshots.REGISTRATION,
+    images.REGISTRATION,
+    diff.REGISTRATION,
     introspection.REGISTRATION,
 ]
 

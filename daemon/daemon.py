@@ -67,7 +67,8 @@ class Daemon:
         sdnotify.notify("STOPPING=1")
         # Long-lived streams end first, so the drain waits only for real work.
         for exchange in self.registry.instances(plugin.EVENT):
-            exchange.close()
+            if exchange is not None:  # None when start-up failed before plugins were loaded
+                exchange.close()
         if self.ttrpc is not None:
             self.ttrpc.close()
             await self.ttrpc.wait_closed()

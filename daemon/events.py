@@ -170,10 +170,14 @@ class Exchange:
     def subscribe(self, fs: Sequence[str] = ()) -> Subscription:
         sub = Subscription(self, filters.parse_all(fs), self.queue_size)
         self._subscribers.add(sub)
+        log.debug("event subscriber added", subscribers=len(self._subscribers))
         return sub
 
     def _remove(self, sub: Subscription) -> None:
-        self._subscribers.discard(sub)
+        if sub in self._subscribers:
+            self._subscribers.discard(sub)
+            # Tests read this line to see that vanished clients do not leak subscriptions.
+            log.debug("event subscriber removed", subscribers=len(self._subscribers))
 
     def close(self) -> None:
         for sub in list(self._subscribers):

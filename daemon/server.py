@@ -59,7 +59,52 @@ class LimitedCodec(ProtoCodec):
                 Status.RESOURCE_EXHAUSTED,
                 f"grpc: received message larger than max ({len(data)} vs. {self.max_recv})",
             )
+        try:
+            check_wire(data)
+        except ValueError as exc:
+            # grpc-go's answer to a body it cannot unmarshal.
+            raise GRPCError(Status.INTERNAL, f"grpc: error unmarshalling request: {exc}") from None
         return super().decode(data, message_type)
+
+
+def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+    """(value, next position) of the varint at ``pos``."""
+    value = 0
+    for i in range(10):
+        if pos + i >= len(buf):
+            raise ValueError("unexpected EOF")
+        value |= (buf[pos + i] & 0x7F) << (7 * i)
+        if buf[pos + i] < 0x80:
+            return value, pos + i + 1
+    raise ValueError("varint overflow")
+
+
+def check_wire(buf: bytes) -> None:
+    """Raise ValueError unless ``buf`` is well-formed protobuf at the top level.
+
+    betterproto2 parses leniently: a length running past the end, a cut varint or wire type 6
+    all decode to *something*. Checking the outer level catches every truncated body (its last
+    field runs past the end); nested messages are left to the parser.
+    """
+    pos, end = 0, len(buf)
+    while pos < end:
+        key, pos = _varint(buf, pos)
+        if key >> 3 == 0:
+            raise ValueError("invalid field number 0")
+        wire_type = key & 7
+        if wire_type == 0:
+            _, pos = _varint(buf, pos)
+        elif wire_type == 1:
+            pos += 8
+        elif wire_type == 5:
+            pos += 4
+        elif wire_type == 2:
+            length, pos = _varint(buf, pos)
+            pos += length
+        elif wire_type not in (3, 4):  # groups are deprecated; left to the parser
+            raise ValueError(f"invalid wire type {wire_type}")
+        if pos > end:
+            raise ValueError("unexpected EOF")
 
 
 class _Empty:

@@ -212,6 +212,10 @@ class LocalStore:
         os.makedirs(os.path.join(root, "blobs"), mode=0o755, exist_ok=True)
         os.makedirs(os.path.join(root, "ingest"), mode=0o700, exist_ok=True)
         self._locks: dict[str, int] = {}
+        # Files the daemon was producing when it last stopped are debris: nobody will finish them.
+        for name in os.listdir(os.path.join(root, "ingest")):
+            if name.startswith("local-"):
+                os.unlink(os.path.join(root, "ingest", name))
 
     # -- blobs ------------------------------------------------------------------------------------
 
@@ -226,6 +230,38 @@ class LocalStore:
         except FileNotFoundError:
             raise NotFound(f"content {dgst}") from None
         return BlobInfo(dgst, st.st_size, st.st_mtime_ns)
+
+    def temp_path(self) -> str:
+        """A fresh path in the store's filesystem, for content produced locally (then :meth:`adopt`)."""
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="local-", dir=os.path.join(self.root, "ingest"))
+        os.close(fd)
+        return path
+
+    async def adopt(self, path: str, dgst: str) -> bool:
+        """Publish a locally written file as blob ``dgst`` (the caller computed the digest while
+        writing it). Returns False when the blob already existed (``path`` is then removed)."""
+        target = self.blob_path(dgst)
+
+        def job() -> bool:
+            if os.path.exists(target):
+                os.unlink(path)
+                return False
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            os.chmod(path, 0o444)
+            os.rename(path, target)
+            return True
+
+        try:
+            return await _thread(job)
+        except OSError as exc:
+            raise _space_error(exc) from exc
 
     def exists(self, dgst: str) -> bool:
         return os.path.exists(self.blob_path(dgst))
@@ -357,6 +393,8 @@ class LocalStore:
         out = []
         base = os.path.join(self.root, "ingest")
         for name in sorted(os.listdir(base)):
+            if name.startswith("local-"):
+                continue  # a file being produced locally, not an ingest
             try:
                 with open(os.path.join(base, name, "ref")) as f:
                     out.append(f.read())

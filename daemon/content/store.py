@@ -235,6 +235,26 @@ class ContentStore:
         w = await self.local.writer(ingest.bref, total)
         return NamespacedWriter(self, ns, ingest, lease, w, None)
 
+    async def commit_file(
+        self, ns: str, path: str, dgst: str, size: int, lbls: dict[str, str], lease: str
+    ) -> meta.Info:
+        """Publish a file the daemon wrote itself (a diff, an export) as content in ``ns``."""
+        async with self.lock.reader():
+            await self.local.adopt(path, dgst)
+
+            def tx(c: Any) -> meta.Info:
+                try:
+                    return meta.insert(c, ns, dgst, size, lbls, lease)
+                except AlreadyExists:
+                    return meta.update(c, ns, dgst, lbls, [f"labels.{k}" for k in lbls])
+
+            info = await self.db.update(tx)
+        self.on_create(ns, dgst, size)
+        return info
+
+    def blob_path(self, dgst: str) -> str:
+        return self.local.blob_path(dgst)
+
     async def status(self, ns: str, ref: str) -> Status:
         ingest = await self.db.view(lambda c: meta.get_ingest(c, ns, ref))
         return self._status(ingest)

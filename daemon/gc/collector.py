@@ -144,7 +144,19 @@ def _remove_snapshot(conn: sqlite3.Connection, node: Node) -> None:
     )
 
 
+def _load_images(conn: sqlite3.Connection, g: Graph, now: int) -> None:
+    # Images are roots: they keep their target and whatever their labels reference.
+    for ns, name, digest, text in conn.execute("SELECT namespace, name, target_digest, labels FROM images"):
+        refs = [(gcmark.CONTENT, ns, digest), *gcmark.label_refs(ns, load_labels(text))]
+        g.add((gcmark.IMAGE, ns, name), refs, root=True)
+
+
+def _keep(conn: sqlite3.Connection, node: Node) -> None:
+    """Roots are never swept."""
+
+
 BUILTIN_RESOURCES = [
+    Resource(gcmark.IMAGE, _load_images, _keep),
     Resource(gcmark.LEASE, _load_leases, _remove_lease),
     Resource(gcmark.CONTENT, _load_content, _remove_content),
     Resource(gcmark.INGEST, _load_ingests, _remove_ingest),
@@ -177,8 +189,12 @@ class Collector:
             if resource is not None:
                 resource.remove(conn, node)
                 removed[node[0]] += 1
-        # What the backend still holds that no namespace refers to any more.
+        # What the backend still holds that no namespace refers to any more. An ingest's expected
+        # blob stays too: a "shared" writer in another namespace commits it without sending bytes.
         kept_digests = {r[0] for r in conn.execute("SELECT DISTINCT digest FROM content")}
+        kept_digests |= {
+            r[0] for r in conn.execute("SELECT DISTINCT expected FROM ingests WHERE expected != ''")
+        }
         kept_brefs = {r[0] for r in conn.execute("SELECT bref FROM ingests")}
         return dict(removed), sorted(kept_digests), kept_brefs
 

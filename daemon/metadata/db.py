@@ -28,6 +28,11 @@ Version 3 (snapshots):
         snapshotter's own key "<namespace>/<seq>/<key>", unique per snapshotter.
     sequences(name PK, value)                                 counters (backend key numbers)
 
+Version 4 (images):
+
+    images(namespace, name, labels JSON, target_media_type, target_digest, target_size,
+           target_annotations JSON, created_at, updated_at)        PK(namespace, name)
+
 Timestamps are integer nanoseconds since the Unix epoch (UTC). Labels are JSON objects.
 A namespace row exists once anything was created in it (namespaces are implicit, as in
 containerd); other tables reference it by name.
@@ -110,6 +115,20 @@ MIGRATIONS: list[str] = [
     CREATE UNIQUE INDEX snapshots_backend ON snapshots(snapshotter, backend_key);
     CREATE INDEX snapshots_parent ON snapshots(namespace, snapshotter, parent);
     CREATE TABLE sequences (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    """,
+    """
+    CREATE TABLE images (
+        namespace TEXT NOT NULL,
+        name TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        target_media_type TEXT NOT NULL,
+        target_digest TEXT NOT NULL,
+        target_size INTEGER NOT NULL,
+        target_annotations TEXT NOT NULL DEFAULT '{}',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, name)
+    );
     """,
 ]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sqlite3
 
+from pyctr.api import namespaces
 from pyctr.api._pb.containerd.events import NamespaceCreate, NamespaceDelete, NamespaceUpdate
 from pyctr.api._pb.containerd.services.namespaces.v1 import (
     CreateNamespaceRequest,
@@ -19,12 +20,24 @@ from pyctr.api._pb.containerd.services.namespaces.v1 import (
     UpdateNamespaceResponse,
 )
 from pyctr.api._pb.google.protobuf import Empty
-from pyctr.api.errdefs import InvalidArgument
+from pyctr.api.errdefs import ContainerdError, InvalidArgument
 from pyctr.api.identifiers import goquote
 from pyctr.daemon import plugin
 from pyctr.daemon.events import Exchange
 from pyctr.daemon.metadata import namespaces as store
 from pyctr.daemon.metadata.db import DB
+
+
+def _caller_namespace(fallback: str) -> str:
+    """containerd publishes create and update events under the caller's namespace, not the new one.
+
+    Without a valid caller namespace containerd fails the call after the write; we publish under
+    the namespace itself instead.
+    """
+    try:
+        return namespaces.required()
+    except ContainerdError:
+        return fallback
 
 
 class NamespacesService(NamespacesBase):
@@ -46,7 +59,9 @@ class NamespacesService(NamespacesBase):
         ns = message.namespace or Namespace()
         created = await self.db.update(lambda c: store.create(c, ns.name, dict(ns.labels)))
         self.exchange.publish(
-            created.name, "/namespaces/create", NamespaceCreate(name=created.name, labels=created.labels)
+            _caller_namespace(created.name),
+            "/namespaces/create",
+            NamespaceCreate(name=created.name, labels=created.labels),
         )
         return CreateNamespaceResponse(namespace=Namespace(name=created.name, labels=created.labels))
 
@@ -72,7 +87,9 @@ class NamespacesService(NamespacesBase):
 
         lbls = await self.db.update(job)
         self.exchange.publish(
-            ns.name, "/namespaces/update", NamespaceUpdate(name=ns.name, labels=dict(ns.labels))
+            _caller_namespace(ns.name),
+            "/namespaces/update",
+            NamespaceUpdate(name=ns.name, labels=dict(ns.labels)),
         )
         return UpdateNamespaceResponse(namespace=Namespace(name=ns.name, labels=lbls))
 
