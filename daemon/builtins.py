@@ -9,6 +9,7 @@ from pyctr.daemon.gc import plugin as gc_plugin
 from pyctr.daemon.metadata import plugin as metadata_plugin
 from pyctr.daemon.plugin import Registration
 from pyctr.daemon.services import (
+    containers,
     content,
     diff,
     health,
@@ -40,6 +41,7 @@ BUILTINS: list[Registration] = [
     content.REGISTRATION,
     snapshots.REGISTRATION,
     images.REGISTRATION,
+    containers.REGISTRATION,
     diff.REGISTRATION,
     introspection.REGISTRATION,
 ]

@@ -151,12 +151,24 @@ def _load_images(conn: sqlite3.Connection, g: Graph, now: int) -> None:
         g.add((gcmark.IMAGE, ns, name), refs, root=True)
 
 
+def _load_containers(conn: sqlite3.Connection, g: Graph, now: int) -> None:
+    # Containers are roots: they keep their snapshot and whatever their labels reference.
+    for ns, cid, sn, key, text in conn.execute(
+        "SELECT namespace, id, snapshotter, snapshot_key, labels FROM containers"
+    ):
+        refs = list(gcmark.label_refs(ns, load_labels(text)))
+        if sn and key:
+            refs.append((gcmark.SNAPSHOT, ns, f"{sn}/{key}"))
+        g.add((gcmark.CONTAINER, ns, cid), refs, root=True)
+
+
 def _keep(conn: sqlite3.Connection, node: Node) -> None:
     """Roots are never swept."""
 
 
 BUILTIN_RESOURCES = [
     Resource(gcmark.IMAGE, _load_images, _keep),
+    Resource(gcmark.CONTAINER, _load_containers, _keep),
     Resource(gcmark.LEASE, _load_leases, _remove_lease),
     Resource(gcmark.CONTENT, _load_content, _remove_content),
     Resource(gcmark.INGEST, _load_ingests, _remove_ingest),

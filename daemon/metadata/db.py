@@ -33,6 +33,12 @@ Version 4 (images):
     images(namespace, name, labels JSON, target_media_type, target_digest, target_size,
            target_annotations JSON, created_at, updated_at)        PK(namespace, name)
 
+Version 5 (containers):
+
+    containers(namespace, id, labels JSON, image, runtime_name, runtime_options (Any: type_url
+               + value), spec (Any), snapshotter, snapshot_key, extensions JSON {key: [type_url,
+               base64 value]}, sandbox, created_at, updated_at)    PK(namespace, id)
+
 Timestamps are integer nanoseconds since the Unix epoch (UTC). Labels are JSON objects.
 A namespace row exists once anything was created in it (namespaces are implicit, as in
 containerd); other tables reference it by name.
@@ -128,6 +134,26 @@ MIGRATIONS: list[str] = [
         created_at INTEGER NOT NULL,
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (namespace, name)
+    );
+    """,
+    """
+    CREATE TABLE containers (
+        namespace TEXT NOT NULL,
+        id TEXT NOT NULL,
+        labels TEXT NOT NULL DEFAULT '{}',
+        image TEXT NOT NULL DEFAULT '',
+        runtime_name TEXT NOT NULL,
+        runtime_options_type TEXT NOT NULL DEFAULT '',
+        runtime_options BLOB,
+        spec_type TEXT NOT NULL DEFAULT '',
+        spec BLOB,
+        snapshotter TEXT NOT NULL DEFAULT '',
+        snapshot_key TEXT NOT NULL DEFAULT '',
+        extensions TEXT NOT NULL DEFAULT '{}',
+        sandbox TEXT NOT NULL DEFAULT '',
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (namespace, id)
     );
     """,
 ]

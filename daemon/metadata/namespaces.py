@@ -12,7 +12,11 @@ from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels,
 # Tables whose rows keep a namespace from being deleted, with the word containerd uses for them,
 # in containerd's order (images, blobs, containers, snapshots). Each schema version that adds such
 # a table adds it here.
-OWNED_TABLES: list[tuple[str, str]] = [("images", "images"), ("content", "blobs")]
+OWNED_TABLES: list[tuple[str, str]] = [
+    ("images", "images"),
+    ("content", "blobs"),
+    ("containers", "containers"),
+]
 
 
 def _snapshot_words(conn: sqlite3.Connection, name: str) -> list[str]:
