@@ -18,6 +18,7 @@ from pyctr.daemon.services import (
     leases,
     namespaces,
     snapshots,
+    tasks,
     version,
 )
 from pyctr.daemon.services import events as events_service
@@ -32,6 +33,7 @@ BUILTINS: list[Registration] = [
     snapshots_plugin.NATIVE_REGISTRATION,
     snapshots_plugin.SERVICE_REGISTRATION,
     diff.DIFFER_REGISTRATION,
+    tasks.RUNTIME_REGISTRATION,
     version.REGISTRATION,
     health.REGISTRATION,
     namespaces.REGISTRATION,
@@ -42,6 +44,7 @@ BUILTINS: list[Registration] = [
     snapshots.REGISTRATION,
     images.REGISTRATION,
     containers.REGISTRATION,
+    tasks.REGISTRATION,
     diff.REGISTRATION,
     introspection.REGISTRATION,
 ]

@@ -20,6 +20,7 @@ from typing import Any
 
 from pyctr.api import digest as digestmod
 from pyctr.api import filters
+from pyctr.api import labels as labelrules
 from pyctr.api.errdefs import (
     AlreadyExists,
     FailedPrecondition,
@@ -109,6 +110,8 @@ class NamespacedWriter:
         """Commit into the namespace; AlreadyExists (after a successful commit) if it was there."""
         if expected:
             digestmod.validate(expected)
+        # Before anything is published: a refused commit must leave the ingest to retry.
+        labelrules.validate_all(lbls)
         store = self.store
         async with store.lock.reader():
             already = False
@@ -191,9 +194,7 @@ class ContentStore:
     ) -> AsyncIterator[tuple[int, bytes]]:
         """(offset, chunk) pairs of at most 1 MiB; size <= 0 reads to the end."""
         info = await self.info(ns, dgst)
-        if offset < 0:
-            offset = 0
-        if offset > info.size:
+        if offset < 0 or offset > info.size:
             raise OutOfRange(f"read past object length {info.size} bytes")
         if size <= 0 or offset + size > info.size:
             size = info.size - offset
@@ -221,18 +222,21 @@ class ContentStore:
                 return True, None
             return False, meta.open_ingest(c, ns, ref, expected, lease)
 
-        exists, ingest = await self.db.update(tx)
-        if exists:
-            raise AlreadyExists(f"content {expected}")
-        assert ingest is not None
-        shared = None
-        if expected and self.local.exists(expected):
-            blob = self.local.info(expected)
-            if total in (0, blob.size) and not self.local.locked(ingest.bref):
-                shared = (expected, blob.size)
-        if shared is not None:
-            return NamespacedWriter(self, ns, ingest, lease, None, shared)
-        w = await self.local.writer(ingest.bref, total)
+        # Shared like a commit: a sweep must not delete the blob between the check that finds it
+        # here and the ingest row (which keeps it) becoming visible to the collector.
+        async with self.lock.reader():
+            exists, ingest = await self.db.update(tx)
+            if exists:
+                raise AlreadyExists(f"content {expected}")
+            assert ingest is not None
+            shared = None
+            if expected and self.local.exists(expected):
+                blob = self.local.info(expected)
+                if total in (0, blob.size) and not self.local.locked(ingest.bref):
+                    shared = (expected, blob.size)
+            if shared is not None:
+                return NamespacedWriter(self, ns, ingest, lease, None, shared)
+            w = await self.local.writer(ingest.bref, total)
         return NamespacedWriter(self, ns, ingest, lease, w, None)
 
     async def commit_file(

@@ -93,7 +93,7 @@ async def expect(kind: type[E], aw: Awaitable[Any], what: str) -> E:
         return exc
     if isinstance(result, NamespacedWriter):
         result.close()
-    raise AssertionError(f"{what}: expected {kind.__name__}, got success ({result!r})")
+    raise AssertionError(f"{what}: expected {kind.__name__}, got success ({repr(result)[:80]})")
 
 
 async def read_all(store: ContentStore, ns: str, dgst: str, offset: int = 0, size: int = 0) -> bytes:
@@ -307,6 +307,26 @@ async def commit_wrong_size(factory: Factory) -> None:
         await visible_nowhere(store, dgst)
 
 
+async def commit_invalid_labels(factory: Factory) -> None:
+    """Labels are checked before anything is published: the ingest stays to commit again."""
+    async with _fresh(factory) as store:
+        data, dgst = blob(256)
+        w = await store.writer(NS, "c1", 0, "", "")
+        try:
+            await w.write(data)
+            await expect(InvalidArgument, w.commit(256, dgst, {"big": "v" * 5000}), "oversized label")
+        finally:
+            w.close()
+        await visible_nowhere(store, dgst)
+        assert (await store.status(NS, "c1")).offset == 256, "a refused commit lost the ingest"
+        w = await store.writer(NS, "c1", 0, "", "")
+        try:
+            assert await w.commit(256, dgst, {"ok": "1"}) == dgst
+        finally:
+            w.close()
+        assert (await store.info(NS, dgst)).labels == {"ok": "1"}
+
+
 async def locked_ref(factory: Factory) -> None:
     """One writer per ref: a second is Unavailable until the first closes; other refs are free."""
     async with _fresh(factory) as store:
@@ -518,6 +538,7 @@ async def read_ranges(factory: Factory) -> None:
         assert await read_all(store, NS, dgst, len(data) - 7, 100) == data[-7:], "size past the end"
         assert await read_all(store, NS, dgst, len(data), 0) == b""
         await expect(OutOfRange, read_all(store, NS, dgst, len(data) + 1, 0), "read past end")
+        await expect(OutOfRange, read_all(store, NS, dgst, -1, 0), "read at a negative offset")
         await expect(NotFound, read_all(store, NS, blob(5)[1]), "read of a missing digest")
         small, sdgst = blob(6)
         await ingest(store, NS, "small", small, sdgst)
@@ -648,6 +669,7 @@ CASES: list[tuple[str, Case]] = [
         resume_variants,
         commit_wrong_digest,
         commit_wrong_size,
+        commit_invalid_labels,
         locked_ref,
         expected_already_exists,
         commit_error_state,

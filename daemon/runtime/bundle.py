@@ -1,0 +1,87 @@
+"""Task bundles: the directory a shim and runc work in.
+
+    <state>/io.containerd.runtime.v2.task/<ns>/<id>/      the bundle (0700)
+        config.json           the OCI runtime spec, as the container record holds it
+        rootfs/               the shim mounts the task's rootfs here
+        work -> <root>/io.containerd.runtime.v2.task/<ns>/<id>   persistent scratch space
+        log                   FIFO: the shim's stderr, copied into the daemon's log
+        address               written by the shim: its ttrpc socket
+        shim-binary-path      the shim executable, for cleanup after a restart
+The state part lives on tmpfs in production and does not survive a reboot; the work part does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+from pyctr.api import identifiers
+
+STATE_DIR = "io.containerd.runtime.v2.task"
+
+
+@dataclass(frozen=True)
+class Bundle:
+    namespace: str
+    id: str
+    path: str
+    work: str
+
+    @property
+    def address_path(self) -> str:
+        return os.path.join(self.path, "address")
+
+    def read(self, name: str) -> str:
+        with open(os.path.join(self.path, name)) as f:
+            return f.read().strip()
+
+    def delete(self) -> None:
+        """Remove the bundle: renamed away first, so a half-deleted one is never loaded again."""
+        for path in (self.path, self.work):
+            if not os.path.lexists(path):
+                continue
+            doomed = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
+
+
+def bundle_for(state: str, root: str, ns: str, task_id: str) -> Bundle:
+    return Bundle(ns, task_id, os.path.join(state, ns, task_id), os.path.join(root, ns, task_id))
+
+
+def create(state: str, root: str, ns: str, task_id: str, spec: bytes) -> Bundle:
+    identifiers.validate(task_id)
+    b = bundle_for(state, root, ns, task_id)
+    os.makedirs(os.path.dirname(b.path), mode=0o711, exist_ok=True)
+    os.makedirs(os.path.dirname(b.work), mode=0o711, exist_ok=True)
+    os.mkdir(b.path, 0o700)
+    try:
+        os.makedirs(b.work, mode=0o711, exist_ok=True)
+        os.mkdir(os.path.join(b.path, "rootfs"), 0o711)
+        os.symlink(b.work, os.path.join(b.path, "work"))
+        with open(os.path.join(b.path, "config.json"), "wb") as f:
+            f.write(spec)
+        os.mkfifo(os.path.join(b.path, "log"), 0o700)
+    except BaseException:
+        b.delete()
+        raise
+    return b
+
+
+def existing(state: str, root: str) -> list[Bundle]:
+    """Every bundle left in the state directory (after a daemon restart)."""
+    out: list[Bundle] = []
+    if not os.path.isdir(state):
+        return out
+    for ns in sorted(os.listdir(state)):
+        nsdir = os.path.join(state, ns)
+        if not os.path.isdir(nsdir) or ns.startswith("."):
+            continue
+        for task_id in sorted(os.listdir(nsdir)):
+            if task_id.startswith("."):
+                shutil.rmtree(os.path.join(nsdir, task_id), ignore_errors=True)  # an interrupted delete
+                continue
+            out.append(bundle_for(state, root, ns, task_id))
+    return out
