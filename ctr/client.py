@@ -18,6 +18,7 @@ from pyctr.api._pb.containerd.services.events.v1 import EventsStub
 from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
 from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
 from pyctr.api._pb.containerd.services.namespaces.v1 import NamespacesStub
+from pyctr.api._pb.containerd.services.snapshots.v1 import SnapshotsStub
 from pyctr.api._pb.containerd.services.version.v1 import VersionStub
 
 DEFAULT_ADDRESS = "/run/pyctrd/pyctrd.sock"
@@ -60,6 +61,10 @@ class Client:
     @property
     def content(self) -> ContentStub:
         return self.stub(ContentStub)
+
+    @property
+    def snapshots(self) -> SnapshotsStub:
+        return self.stub(SnapshotsStub)
 
     @property
     def events(self) -> EventsStub:
