@@ -15,10 +15,13 @@ from grpclib.exceptions import GRPCError
 from pyctr.api import errdefs, namespaces
 from pyctr.api._pb.containerd.services.content.v1 import ContentStub
 from pyctr.api._pb.containerd.services.events.v1 import EventsStub
+from pyctr.api._pb.containerd.services.images.v1 import ImagesStub
 from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
 from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
 from pyctr.api._pb.containerd.services.namespaces.v1 import NamespacesStub
 from pyctr.api._pb.containerd.services.snapshots.v1 import SnapshotsStub
+from pyctr.api._pb.containerd.services.streaming.v1 import StreamingStub
+from pyctr.api._pb.containerd.services.transfer.v1 import TransferStub
 from pyctr.api._pb.containerd.services.version.v1 import VersionStub
 
 DEFAULT_ADDRESS = "/run/pyctrd/pyctrd.sock"
@@ -65,6 +68,18 @@ class Client:
     @property
     def snapshots(self) -> SnapshotsStub:
         return self.stub(SnapshotsStub)
+
+    @property
+    def images(self) -> ImagesStub:
+        return self.stub(ImagesStub)
+
+    @property
+    def transfer(self) -> TransferStub:
+        return self.stub(TransferStub)
+
+    @property
+    def streaming(self) -> StreamingStub:
+        return self.stub(StreamingStub)
 
     @property
     def events(self) -> EventsStub:

@@ -18,6 +18,7 @@ from pyctr.daemon.services import (
     leases,
     namespaces,
     snapshots,
+    streaming,
     tasks,
     version,
 )
@@ -34,6 +35,7 @@ BUILTINS: list[Registration] = [
     snapshots_plugin.SERVICE_REGISTRATION,
     diff.DIFFER_REGISTRATION,
     tasks.RUNTIME_REGISTRATION,
+    streaming.MANAGER_REGISTRATION,
     version.REGISTRATION,
     health.REGISTRATION,
     namespaces.REGISTRATION,
@@ -45,6 +47,7 @@ BUILTINS: list[Registration] = [
     images.REGISTRATION,
     containers.REGISTRATION,
     tasks.REGISTRATION,
+    streaming.REGISTRATION,
     diff.REGISTRATION,
     introspection.REGISTRATION,
 ]

@@ -1,0 +1,347 @@
+"""``pyctr images pull|ls|check|tag|rm|inspect``; pulls run in the daemon (the Transfer service)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from pyctr.api import platforms, typeurl
+from pyctr.api._pb.containerd.services.content.v1 import InfoRequest, ReadContentRequest
+from pyctr.api._pb.containerd.services.images import v1 as pb
+from pyctr.api._pb.containerd.services.streaming.v1 import StreamInit
+from pyctr.api._pb.containerd.services.transfer.v1 import TransferOptions, TransferRequest
+from pyctr.api._pb.containerd.types import Platform as PbPlatform
+from pyctr.api._pb.containerd.types import transfer as tt
+from pyctr.api._pb.google.protobuf import Any as PbAny
+from pyctr.api.errdefs import ContainerdError, NotFound
+from pyctr.ctr import output
+from pyctr.ctr.client import Client
+
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("images", aliases=["image", "i"], help="manage images")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    pull = verbs.add_parser("pull", help="pull an image from a registry (the daemon fetches and unpacks it)")
+    pull.add_argument("ref")
+    pull.add_argument("--platform", action="append", default=[], help="platform(s) to pull, e.g. linux/arm64")
+    pull.add_argument("--all-platforms", action="store_true")
+    pull.add_argument("--snapshotter", default=os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs")
+    pull.add_argument("--no-unpack", action="store_true")
+    pull.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    pull.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    pull.set_defaults(func=pull_)
+
+    ls = verbs.add_parser("ls", aliases=["list"], help="list images (filters: name==…, labels.k==…)")
+    ls.add_argument("filters", nargs="*")
+    ls.add_argument("-q", "--quiet", action="store_true")
+    ls.add_argument("--format", choices=["table", "json"], default="table")
+    ls.set_defaults(func=list_)
+
+    tag = verbs.add_parser("tag", help="give an image another name")
+    tag.add_argument("source")
+    tag.add_argument("targets", nargs="+")
+    tag.add_argument("--force", action="store_true")
+    tag.set_defaults(func=tag_)
+
+    rm = verbs.add_parser("rm", aliases=["delete", "del", "remove"], help="remove images")
+    rm.add_argument("refs", nargs="+")
+    rm.add_argument("--sync", action="store_true", help="wait for garbage collection")
+    rm.set_defaults(func=remove)
+
+    inspect = verbs.add_parser("inspect", help="show an image's record, manifest and config as JSON")
+    inspect.add_argument("ref")
+    inspect.set_defaults(func=inspect_)
+
+    check = verbs.add_parser("check", help="check that an image's content is complete")
+    check.add_argument("filters", nargs="*")
+    check.set_defaults(func=check_)
+
+
+# -- pull ------------------------------------------------------------------------------------------
+
+
+class ProgressView:
+    """One line per blob, redrawn in place on a terminal; plain lines otherwise."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.rows: dict[str, str] = {}
+        self.drawn = 0
+        self.started = time.monotonic()
+
+    def update(self, p: tt.Progress) -> None:
+        if not p.name.startswith("sha256:") or not self.tty:
+            if p.event in ("downloading",) and not self.tty:
+                return  # plain output: one line per state change, not per chunk
+            label = p.name[:19] if p.name.startswith("sha256:") else p.name
+            print(f"{p.event}: {label}".rstrip(": "), flush=True)
+            return
+        short = p.name[7:19]
+        if p.total:
+            width = 30
+            done = int(width * min(p.progress, p.total) / p.total)
+            bar = "+" * done + " " * (width - done)
+            amount = f"{output.human_size(p.progress)}/{output.human_size(p.total)}"
+            self.rows[short] = f"{short}  {p.event:<15} |{bar}| {amount}"
+        else:
+            self.rows[short] = f"{short}  {p.event}"
+        self.redraw()
+
+    def redraw(self) -> None:
+        if self.drawn:
+            sys.stdout.write(f"\x1b[{self.drawn}F")
+        for row in self.rows.values():
+            sys.stdout.write("\x1b[2K" + row + "\n")
+        self.drawn = len(self.rows)
+        sys.stdout.flush()
+
+
+async def pull_(args: argparse.Namespace, client: Client) -> int:
+    stream_id = f"progress-{os.getpid()}-{time.time_ns()}"
+    outgoing: asyncio.Queue[PbAny | None] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[PbAny]:
+        while (m := await outgoing.get()) is not None:
+            yield m
+
+    url, value = typeurl.marshal(StreamInit(id=stream_id))
+    outgoing.put_nowait(PbAny(type_url=url, value=value))
+    view = ProgressView(sys.stdout.isatty() and not args.plain)
+    responses = client.streaming.stream(requests())
+    acked = asyncio.Event()
+
+    async def read_progress() -> None:
+        async for msg in responses:
+            if not acked.is_set():
+                acked.set()  # the first message acknowledges the registration
+                continue
+            obj = typeurl.unmarshal(msg.type_url, msg.value)
+            if isinstance(obj, tt.Progress):
+                view.update(obj)
+
+    reader = asyncio.ensure_future(read_progress())
+    try:
+        await asyncio.wait_for(asyncio.shield(acked.wait()), 10)
+        wanted = [platforms.parse(p) for p in args.platform]
+        dest = tt.ImageStore(
+            name="",
+            labels=output.parse_labels(args.label),
+            platforms=[PbPlatform(os=p.os, architecture=p.architecture, variant=p.variant) for p in wanted],
+            all_metadata=args.all_platforms,
+            unpacks=[]
+            if args.no_unpack
+            else [
+                tt.UnpackConfiguration(
+                    platform=PbPlatform(os=p.os, architecture=p.architecture, variant=p.variant),
+                    snapshotter=args.snapshotter,
+                )
+                for p in (wanted or [platforms.default()])
+            ],
+        )
+        src_url, src_value = typeurl.marshal(
+            tt.OciRegistry(reference=args.ref, resolver=tt.RegistryResolver())
+        )
+        dst_url, dst_value = typeurl.marshal(dest)
+        await client.transfer.transfer(
+            TransferRequest(
+                source=PbAny(type_url=src_url, value=src_value),
+                destination=PbAny(type_url=dst_url, value=dst_value),
+                options=TransferOptions(progress_stream=stream_id),
+            )
+        )
+        await asyncio.wait_for(reader, 10)
+    finally:
+        outgoing.put_nowait(None)
+        reader.cancel()
+    print(f"done: {args.ref} in {time.monotonic() - view.started:.2f}s")
+    return 0
+
+
+# -- listing ---------------------------------------------------------------------------------------
+
+
+async def read_json(client: Client, digest: str) -> Any:
+    chunks = []
+    async for resp in client.content.read(ReadContentRequest(digest=digest)):
+        chunks.append(resp.data)
+    return json.loads(b"".join(chunks))
+
+
+async def describe(client: Client, image: pb.Image) -> tuple[int, list[str]]:
+    """Size of the default platform's content and the platforms an image offers, as ctr shows them."""
+    assert image.target is not None
+    target = image.target
+    plats: list[str] = []
+    manifest_digest = target.digest
+    try:
+        if target.media_type in INDEX_TYPES:
+            index = await read_json(client, target.digest)
+            host = platforms.default()
+            for m in index.get("manifests", []):
+                p = m.get("platform") or {}
+                plat = platforms.Platform(p.get("os", ""), p.get("architecture", ""), p.get("variant", ""))
+                plats.append(str(platforms.normalize(plat)))
+                if platforms.matches(plat, host):
+                    manifest_digest = m["digest"]
+        manifest = await read_json(client, manifest_digest)
+        size = sum(int(d.get("size", 0)) for d in [manifest.get("config", {}), *manifest.get("layers", [])])
+        size += (await client.content.info(InfoRequest(digest=manifest_digest))).info.size  # type: ignore[union-attr]
+        if not plats:
+            config = await read_json(client, manifest["config"]["digest"])
+            plat = platforms.Platform(
+                config.get("os", ""), config.get("architecture", ""), config.get("variant", "")
+            )
+            plats.append(str(platforms.normalize(plat)))
+        return size, sorted(set(plats))
+    except (ContainerdError, KeyError, ValueError):
+        return 0, plats
+    except Exception as exc:
+        if "not found" in str(exc):
+            return 0, plats
+        raise
+
+
+async def list_(args: argparse.Namespace, client: Client) -> int:
+    resp = await client.images.list(pb.ListImagesRequest(filters=args.filters))
+    if args.quiet:
+        for img in resp.images:
+            print(img.name)
+        return 0
+    rows = []
+    for img in resp.images:
+        size, plats = await describe(client, img)
+        rows.append((img, size, plats))
+    if args.format == "json":
+        output.print_json(
+            [
+                {
+                    "name": img.name,
+                    "target": {
+                        "media_type": img.target.media_type if img.target else "",
+                        "digest": img.target.digest if img.target else "",
+                        "size": img.target.size if img.target else 0,
+                    },
+                    "size": size,
+                    "platforms": plats,
+                    "labels": dict(img.labels),
+                    "created_at": img.created_at,
+                    "updated_at": img.updated_at,
+                }
+                for img, size, plats in rows
+            ]
+        )
+        return 0
+    output.table(
+        ["REF", "TYPE", "DIGEST", "SIZE", "PLATFORMS", "LABELS"],
+        [
+            [
+                img.name,
+                img.target.media_type if img.target else "",
+                img.target.digest if img.target else "",
+                output.human_size(size),
+                ",".join(plats) or "-",
+                output.labels(img.labels),
+            ]
+            for img, size, plats in rows
+        ],
+    )
+    return 0
+
+
+async def tag_(args: argparse.Namespace, client: Client) -> int:
+    src = (await client.images.get(pb.GetImageRequest(name=args.source))).image
+    assert src is not None
+    for target in args.targets:
+        new = pb.Image(name=target, labels=dict(src.labels), target=src.target)
+        try:
+            await client.images.create(pb.CreateImageRequest(image=new))
+        except Exception:
+            if not args.force:
+                raise
+            await client.images.delete(pb.DeleteImageRequest(name=target))
+            await client.images.create(pb.CreateImageRequest(image=new))
+        print(target)
+    return 0
+
+
+async def remove(args: argparse.Namespace, client: Client) -> int:
+    for i, ref in enumerate(args.refs):
+        sync = args.sync and i == len(args.refs) - 1
+        await client.images.delete(pb.DeleteImageRequest(name=ref, sync=sync))
+        print(ref)
+    return 0
+
+
+async def inspect_(args: argparse.Namespace, client: Client) -> int:
+    img = (await client.images.get(pb.GetImageRequest(name=args.ref))).image
+    assert img is not None and img.target is not None
+    doc: dict[str, Any] = {
+        "name": img.name,
+        "labels": dict(img.labels),
+        "target": {"media_type": img.target.media_type, "digest": img.target.digest, "size": img.target.size},
+        "created_at": img.created_at,
+    }
+    top = await read_json(client, img.target.digest)
+    if img.target.media_type in INDEX_TYPES:
+        doc["index"] = top
+        host = platforms.default()
+        for m in top.get("manifests", []):
+            p = m.get("platform") or {}
+            if platforms.matches(
+                platforms.Platform(p.get("os", ""), p.get("architecture", ""), p.get("variant", "")), host
+            ):
+                top = await read_json(client, m["digest"])
+                break
+    doc["manifest"] = top
+    if "config" in top:
+        doc["config"] = await read_json(client, top["config"]["digest"])
+    output.print_json(doc)
+    return 0
+
+
+async def check_(args: argparse.Namespace, client: Client) -> int:
+    resp = await client.images.list(pb.ListImagesRequest(filters=args.filters))
+    rows = []
+    status = 0
+    for img in resp.images:
+        assert img.target is not None
+        missing = 0
+        try:
+            top = await read_json(client, img.target.digest)
+            manifests = [img.target.digest]
+            if img.target.media_type in INDEX_TYPES:
+                manifests = [m["digest"] for m in top.get("manifests", [])]
+            present = total = 0
+            for md in manifests:
+                try:
+                    m = await read_json(client, md)
+                except Exception:
+                    continue
+                for d in [m.get("config", {}), *m.get("layers", [])]:
+                    total += 1
+                    try:
+                        await client.content.info(InfoRequest(digest=d["digest"]))
+                        present += 1
+                    except Exception:
+                        missing += 1
+            state = f"complete ({present}/{total})" if not missing else f"incomplete ({present}/{total})"
+        except (NotFound, Exception):
+            state = "missing"
+            missing = 1
+        if missing:
+            status = 1
+        rows.append([img.name, state])
+    output.table(["REF", "STATUS"], rows)
+    return status
