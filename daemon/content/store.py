@@ -6,7 +6,9 @@ reports the whole blob as written and a commit only adds the row, unless the cli
 anyway, in which case the existing bytes are copied into a fresh ingest first.
 
 Commit publishes bytes before metadata; the collector's lock (held shared by commits, exclusive by
-the sweep) keeps a sweep from deleting a blob between those two steps.
+the sweep) keeps a sweep from deleting a blob between those two steps. Opening a writer holds it
+shared too (a shared writer's blob is kept by its ingest row only once that row is written), so
+never open a writer while already holding the lock: a waiting sweep would deadlock the two.
 """
 
 from __future__ import annotations

@@ -37,12 +37,19 @@ class Graph:
     roots: set[Node] = field(default_factory=set)
     edges: dict[Node, list[Node]] = field(default_factory=lambda: defaultdict(list))
     flat: set[Node] = field(default_factory=set)
+    # The structural part of edges (a snapshot's parent): followed even under a flat lease.
+    parents: dict[Node, list[Node]] = field(default_factory=lambda: defaultdict(list))
 
-    def add(self, node: Node, refs: Iterable[Node] = (), root: bool = False) -> None:
+    def add(
+        self, node: Node, refs: Iterable[Node] = (), root: bool = False, parents: Iterable[Node] = ()
+    ) -> None:
         self.nodes.add(node)
         if root:
             self.roots.add(node)
         self.edges[node].extend(refs)
+        for parent in parents:
+            self.edges[node].append(parent)
+            self.parents[node].append(parent)
 
 
 @dataclass(frozen=True)
@@ -131,10 +138,10 @@ def _load_snapshots(conn: sqlite3.Connection, g: Graph, now: int) -> None:
         "SELECT namespace, snapshotter, key, parent, labels FROM snapshots"
     ):
         lbls = load_labels(text)
-        refs = list(gcmark.label_refs(ns, lbls))
-        if parent:
-            refs.append((gcmark.SNAPSHOT, ns, f"{sn}/{parent}"))
-        g.add((gcmark.SNAPSHOT, ns, f"{sn}/{key}"), refs, root=gcmark.is_root(lbls))
+        parents = [(gcmark.SNAPSHOT, ns, f"{sn}/{parent}")] if parent else []
+        g.add(
+            (gcmark.SNAPSHOT, ns, f"{sn}/{key}"), gcmark.label_refs(ns, lbls), gcmark.is_root(lbls), parents
+        )
 
 
 def _remove_snapshot(conn: sqlite3.Connection, node: Node) -> None:
@@ -194,7 +201,9 @@ class Collector:
         g = Graph()
         for r in self.resources.values():
             r.load(conn, g, now)
-        live = gcmark.mark(g.roots, lambda n: g.edges.get(n, ()), lambda n: n in g.flat)
+        live = gcmark.mark(
+            g.roots, lambda n: g.edges.get(n, ()), lambda n: n in g.flat, lambda n: g.parents.get(n, ())
+        )
         removed: dict[str, int] = defaultdict(int)
         for node in sorted(g.nodes - live):
             resource = self.resources.get(node[0])

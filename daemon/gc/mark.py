@@ -53,11 +53,14 @@ def mark(
     roots: Iterable[Node],
     edges: Callable[[Node], Iterable[Node]],
     flat: Callable[[Node], bool] = lambda n: False,
+    parents: Callable[[Node], Iterable[Node]] = lambda n: (),
 ) -> set[Node]:
     """Every node reachable from ``roots``.
 
     A node for which ``flat`` is true (a lease labelled ``containerd.io/gc.flat``) keeps what it
-    references directly, but not what those objects reference in turn.
+    references directly, but not what those objects reference in turn -- except their
+    ``parents`` (a subset of ``edges``: a snapshot's parent chain), which containerd keeps for a
+    flat-leased snapshot too, since the snapshot cannot exist without them.
     """
     live: set[Node] = set()
     shallow: set[Node] = set()  # kept, but children not (yet) followed
@@ -74,4 +77,10 @@ def mark(
                     shallow.add(child)
             continue
         stack.extend(c for c in edges(node) if c not in live)
+    todo = list(shallow)
+    while todo:
+        for parent in parents(todo.pop()):
+            if parent not in live and parent not in shallow:
+                shallow.add(parent)
+                todo.append(parent)
     return live | shallow
