@@ -49,6 +49,7 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     log_path: str = ""
     extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None  # added to os.environ for the daemon process
 
     def log(self) -> str:
         try:
@@ -78,7 +79,9 @@ def new_base(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 
 
-def start_pyctrd(base: str | None = None, *args: str, wait: bool = True) -> Daemon:
+def start_pyctrd(
+    base: str | None = None, *args: str, wait: bool = True, env: dict[str, str] | None = None
+) -> Daemon:
     base = base or new_base("pyctrd-")
     d = Daemon(
         base=base,
@@ -87,6 +90,7 @@ def start_pyctrd(base: str | None = None, *args: str, wait: bool = True) -> Daem
         state=os.path.join(base, "s"),
         log_path=os.path.join(base, "pyctrd.log"),
         extra_args=list(args),
+        env=env,
     )
     return restart(d, wait=wait)
 
@@ -109,6 +113,7 @@ def restart(d: Daemon, wait: bool = True) -> Daemon:
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            env=None if d.env is None else {**os.environ, **d.env},
         )
     if wait:
         try:
