@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests drive for real (installed only when root and missing).
-APT_PACKAGES := runc containerd docker-registry skopeo umoci busybox-static protobuf-compiler
+APT_PACKAGES := runc containerd docker-registry skopeo umoci busybox-static protobuf-compiler apache2-utils
 ROOT ?= /var/lib/pyctrd
 STATE ?= /run/pyctrd
 ADDRESS ?= $(STATE)/pyctrd.sock

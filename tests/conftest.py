@@ -5,7 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import daemons
+from tests.helpers import daemons, images, registry
 
 
 @pytest.fixture
@@ -36,3 +36,29 @@ def ctr_bin() -> str:
     if path is None:
         pytest.skip("the real Go ctr is not installed (make setup installs containerd as root)")
     return path
+
+
+@pytest.fixture(scope="session")
+def built_images() -> Iterator[images.Images]:
+    """The offline test images (busybox, multi-layer), built once per session."""
+    for tool in ("umoci", "skopeo"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} is not installed")
+    try:
+        yield images.get()
+    finally:
+        images.discard()
+
+
+@pytest.fixture(scope="session")
+def image_registry(built_images: images.Images) -> Iterator[registry.Registry]:
+    """docker-registry on 127.0.0.1 with library/busybox:latest and library/multi:latest pushed."""
+    if shutil.which("docker-registry") is None:
+        pytest.skip("docker-registry is not installed")
+    reg = registry.start()
+    try:
+        reg.push(built_images.busybox.layout, "library/busybox")
+        reg.push(built_images.multi.layout, "library/multi")
+        yield reg
+    finally:
+        reg.stop()

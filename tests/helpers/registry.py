@@ -1,0 +1,124 @@
+"""A private Docker registry on 127.0.0.1 for pull tests: Debian's ``docker-registry``.
+
+Storage lives in a temp dir; the port is a free one; the process is stopped by the PID we
+started. Images go in with ``skopeo copy`` from an OCI layout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+
+CONFIG = """version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {storage}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Registry:
+    base: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: str
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ref(self, repo: str, tag: str = "latest") -> str:
+        return f"{self.host}/{repo}:{tag}"
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def push(self, layout: str, repo: str, tag: str = "latest", src_tag: str = "latest") -> str:
+        """Copy ``<layout>:<src_tag>`` to ``<repo>:<tag>``; returns the reference to pull."""
+        res = subprocess.run(
+            [
+                "skopeo",
+                "--insecure-policy",
+                "copy",
+                "--quiet",
+                "--dest-tls-verify=false",
+                f"oci:{layout}:{src_tag}",
+                f"docker://{self.ref(repo, tag)}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(f"skopeo push of {layout} failed: {res.stderr.strip()}")
+        return self.ref(repo, tag)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/v2/", timeout=1) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start(timeout: float = 15.0) -> Registry:
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        raise FileNotFoundError("docker-registry is not installed")
+    base = tempfile.mkdtemp(prefix="registry-", dir="/tmp")
+    for _ in range(3):  # the free port can be taken between probing and binding
+        port = free_port()
+        cfg = os.path.join(base, "config.yml")
+        with open(cfg, "w") as f:
+            f.write(CONFIG.format(storage=os.path.join(base, "storage"), port=port))
+        log_path = os.path.join(base, "registry.log")
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                [exe, "serve", cfg], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        reg = Registry(base, port, proc, log_path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _answers(port):
+                return reg
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+    text = reg.log()
+    shutil.rmtree(base, ignore_errors=True)
+    raise RuntimeError(f"docker-registry did not come up:\n{text}")
