@@ -10,9 +10,10 @@ import os
 from typing import Any, TypeVar
 
 from grpclib.client import Channel
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from pyctr.api import errdefs, namespaces
+from pyctr.api._pb.containerd.services.containers.v1 import ContainersStub
 from pyctr.api._pb.containerd.services.content.v1 import ContentStub
 from pyctr.api._pb.containerd.services.events.v1 import EventsStub
 from pyctr.api._pb.containerd.services.images.v1 import ImagesStub
@@ -21,6 +22,7 @@ from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
 from pyctr.api._pb.containerd.services.namespaces.v1 import NamespacesStub
 from pyctr.api._pb.containerd.services.snapshots.v1 import SnapshotsStub
 from pyctr.api._pb.containerd.services.streaming.v1 import StreamingStub
+from pyctr.api._pb.containerd.services.tasks.v1 import TasksStub
 from pyctr.api._pb.containerd.services.transfer.v1 import TransferStub
 from pyctr.api._pb.containerd.services.version.v1 import VersionStub
 
@@ -70,6 +72,14 @@ class Client:
         return self.stub(SnapshotsStub)
 
     @property
+    def containers(self) -> ContainersStub:
+        return self.stub(ContainersStub)
+
+    @property
+    def tasks(self) -> TasksStub:
+        return self.stub(TasksStub)
+
+    @property
     def images(self) -> ImagesStub:
         return self.stub(ImagesStub)
 
@@ -101,6 +111,8 @@ def translate(exc: BaseException, address: str) -> BaseException:
         return errdefs.from_status(int(exc.status.value), exc.message or "")
     if isinstance(exc, ConnectionRefusedError | FileNotFoundError):
         return errdefs.Unavailable(f'failed to dial "{address}": {exc.strerror or exc}')
+    if isinstance(exc, StreamTerminatedError):
+        return errdefs.Unavailable(f"connection to {address} lost: {exc}")
     if isinstance(exc, TimeoutError):
         return errdefs.DeadlineExceeded(f"call to {address} timed out")
     return exc

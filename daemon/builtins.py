@@ -20,6 +20,7 @@ from pyctr.daemon.services import (
     snapshots,
     streaming,
     tasks,
+    transfer,
     version,
 )
 from pyctr.daemon.services import events as events_service
@@ -48,6 +49,7 @@ BUILTINS: list[Registration] = [
     containers.REGISTRATION,
     tasks.REGISTRATION,
     streaming.REGISTRATION,
+    transfer.REGISTRATION,
     diff.REGISTRATION,
     introspection.REGISTRATION,
 ]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from pyctr.api import platforms, typeurl
@@ -110,16 +110,11 @@ class ProgressView:
 
 async def pull_(args: argparse.Namespace, client: Client) -> int:
     stream_id = f"progress-{os.getpid()}-{time.time_ns()}"
-    outgoing: asyncio.Queue[PbAny | None] = asyncio.Queue()
-
-    async def requests() -> AsyncIterator[PbAny]:
-        while (m := await outgoing.get()) is not None:
-            yield m
-
     url, value = typeurl.marshal(StreamInit(id=stream_id))
-    outgoing.put_nowait(PbAny(type_url=url, value=value))
+    # Our half of the side stream carries only the StreamInit; the daemon's half carries progress
+    # until the transfer ends.
+    responses = client.streaming.stream([PbAny(type_url=url, value=value)])
     view = ProgressView(sys.stdout.isatty() and not args.plain)
-    responses = client.streaming.stream(requests())
     acked = asyncio.Event()
 
     async def read_progress() -> None:
@@ -163,8 +158,10 @@ async def pull_(args: argparse.Namespace, client: Client) -> int:
         )
         await asyncio.wait_for(reader, 10)
     finally:
-        outgoing.put_nowait(None)
-        reader.cancel()
+        if not reader.done():
+            reader.cancel()
+            with contextlib.suppress(BaseException):
+                await reader
     print(f"done: {args.ref} in {time.monotonic() - view.started:.2f}s")
     return 0
 
@@ -197,7 +194,8 @@ async def describe(client: Client, image: pb.Image) -> tuple[int, list[str]]:
                     manifest_digest = m["digest"]
         manifest = await read_json(client, manifest_digest)
         size = sum(int(d.get("size", 0)) for d in [manifest.get("config", {}), *manifest.get("layers", [])])
-        size += (await client.content.info(InfoRequest(digest=manifest_digest))).info.size  # type: ignore[union-attr]
+        info = (await client.content.info(InfoRequest(digest=manifest_digest))).info
+        size += info.size if info is not None else 0
         if not plats:
             config = await read_json(client, manifest["config"]["digest"])
             plat = platforms.Platform(
@@ -345,3 +343,29 @@ async def check_(args: argparse.Namespace, client: Client) -> int:
         rows.append([img.name, state])
     output.table(["REF", "STATUS"], rows)
     return status
+
+
+async def image_config(client: Client, name: str) -> tuple[dict[str, Any], list[str]]:
+    """The image's config for this host's platform and the chain IDs of its layers."""
+    import hashlib
+
+    img = (await client.images.get(pb.GetImageRequest(name=name))).image
+    assert img is not None and img.target is not None
+    top = await read_json(client, img.target.digest)
+    if img.target.media_type in INDEX_TYPES:
+        host = platforms.default()
+        for m in top.get("manifests", []):
+            p = m.get("platform") or {}
+            plat = platforms.Platform(p.get("os", ""), p.get("architecture", ""), p.get("variant", ""))
+            if platforms.matches(plat, host):
+                top = await read_json(client, m["digest"])
+                break
+        else:
+            raise NotFound(f"image {name}: no manifest for platform {host}")
+    config = await read_json(client, top["config"]["digest"])
+    chains: list[str] = []
+    for diff_id in config.get("rootfs", {}).get("diff_ids", []):
+        if chains:
+            diff_id = "sha256:" + hashlib.sha256(f"{chains[-1]} {diff_id}".encode()).hexdigest()
+        chains.append(diff_id)
+    return config, chains

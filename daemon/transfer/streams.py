@@ -25,7 +25,7 @@ class SideStream:
     def send(self, message: object) -> None:
         if self.closed:
             return
-        url, value = typeurl.marshal(message)  # type: ignore[arg-type]
+        url, value = typeurl.marshal(message)
         self._out.put_nowait(PbAny(type_url=url, value=value))
 
     def close(self) -> None:

@@ -1,0 +1,438 @@
+"""Server-side pull: from a registry into the content store, the image store and snapshots.
+
+What a pull leaves behind is exactly what ``ctr images pull`` leaves, so either client can use
+the other's images: blobs labelled ``containerd.io/distribution.source.<host>``, an index
+labelled ``containerd.io/gc.ref.content.m.<i>`` for every child, a manifest labelled
+``…content.config`` and ``…content.l.<i>``, layers labelled ``containerd.io/uncompressed`` once
+unpacked, snapshots named by chain ID, and the config labelled
+``containerd.io/gc.ref.snapshot.<snapshotter>`` with the top chain ID.
+
+Everything happens under a lease (expiring after a day) so the collector leaves half-pulled
+content alone; the lease goes at the end, and the image record keeps what it references.
+Layers download in parallel (bounded) and are unpacked in order as soon as each has arrived.
+Concurrent pulls of the same blob in a namespace share one download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from pyctr.api import errdefs, platforms
+from pyctr.api.mount import Mount
+from pyctr.daemon.content.store import ContentStore
+from pyctr.daemon.diff.differ import Descriptor as DiffDescriptor
+from pyctr.daemon.diff.differ import Differ
+from pyctr.daemon.events import Exchange
+from pyctr.daemon.metadata import images as imagestore
+from pyctr.daemon.metadata import leases as leasestore
+from pyctr.daemon.metadata.db import DB
+from pyctr.daemon.remotes import reference as refmod
+from pyctr.daemon.remotes.registry import Descriptor, RegistryClient
+from pyctr.daemon.snapshots.store import SnapshotStore
+
+log = structlog.get_logger("pyctrd.pull")
+
+INDEX_TYPES = {
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+}
+MANIFEST_TYPES = {
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+}
+MAX_DOWNLOADS = 3
+
+
+@dataclass(frozen=True)
+class Progress:
+    event: str
+    name: str = ""
+    parents: tuple[str, ...] = ()
+    progress: int = 0
+    total: int = 0
+
+
+ProgressFunc = Callable[[Progress], None]
+
+
+@dataclass
+class PullOptions:
+    platforms: list[platforms.Platform] = field(default_factory=lambda: [platforms.default()])
+    all_platforms: bool = False
+    unpack: bool = True
+    snapshotter: str = "overlayfs"
+    labels: dict[str, str] = field(default_factory=dict)
+    name: str = ""  # store the image under this name instead of the reference
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    out: list[str] = []
+    for d in diff_ids:
+        if not out:
+            out.append(d)
+        else:
+            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
+    return out
+
+
+def _platform_of(desc: Descriptor) -> platforms.Platform | None:
+    p = desc.platform
+    if not p:
+        return None
+    return platforms.Platform(str(p.get("os", "")), str(p.get("architecture", "")), str(p.get("variant", "")))
+
+
+class Puller:
+    def __init__(
+        self,
+        db: DB,
+        content: ContentStore,
+        snapshotters: dict[str, SnapshotStore],
+        differ: Differ,
+        exchange: Exchange,
+        client_factory: Callable[[], RegistryClient],
+    ) -> None:
+        self.db = db
+        self.content = content
+        self.snapshotters = snapshotters
+        self.differ = differ
+        self.exchange = exchange
+        self.client_factory = client_factory
+        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+
+    async def pull(
+        self, ns: str, ref_text: str, opts: PullOptions, progress: ProgressFunc | None = None
+    ) -> imagestore.Image:
+        report = progress or (lambda p: None)
+        ref = refmod.parse(ref_text)
+        if opts.unpack and opts.snapshotter not in self.snapshotters:
+            raise errdefs.InvalidArgument(f"snapshotter not loaded: {opts.snapshotter}")
+        lease = f"pull-{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
+        expiry = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=24)).strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
+        await self.db.update(lambda c: leasestore.create(c, ns, lease, {"containerd.io/gc.expire": expiry}))
+        client = self.client_factory()
+        try:
+            report(Progress(f"Resolving from {ref}", str(ref)))
+            _, top = await client.resolve(ref)
+            report(Progress(f"Pulling from {ref}", str(ref)))
+            source = {f"containerd.io/distribution.source.{ref.domain.split(':')[0]}": ref.path}
+            manifests = await self._fetch_tree(ns, lease, client, ref, top, opts, source, report)
+            if opts.unpack:
+                for manifest_desc, manifest in manifests:
+                    await self._unpack(ns, lease, client, ref, manifest_desc, manifest, opts, source, report)
+            image = await self._store_image(ns, opts.name or str(ref), top, opts.labels)
+            report(Progress("saved", image.name))
+            report(Progress(f"Completed pull from {ref}", str(ref)))
+            return image
+        finally:
+            await client.close()
+            try:
+                await self.db.update(lambda c: leasestore.delete(c, ns, lease))
+            except errdefs.NotFound:
+                pass
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    async def _ensure_labels(self, ns: str, dgst: str, labels: dict[str, str]) -> None:
+        if labels:
+            await self.content.update(ns, dgst, labels, [f"labels.{k}" for k in labels])
+
+    async def _store_bytes(
+        self, ns: str, lease: str, kind: str, desc: Descriptor, data: bytes, labels: dict[str, str]
+    ) -> None:
+        try:
+            w = await self.content.writer(ns, f"{kind}-{desc.digest}", desc.size, desc.digest, lease)
+        except errdefs.AlreadyExists:
+            await self._ensure_labels(ns, desc.digest, labels)
+            return
+        try:
+            if w.status().offset != desc.size:
+                await w.truncate(0)
+                await w.write(data)
+            await w.commit(desc.size, desc.digest, labels)
+        except errdefs.AlreadyExists:
+            await self._ensure_labels(ns, desc.digest, labels)
+        finally:
+            w.close()
+
+    async def _download(
+        self,
+        ns: str,
+        lease: str,
+        client: RegistryClient,
+        ref: refmod.Reference,
+        desc: Descriptor,
+        labels: dict[str, str],
+        report: ProgressFunc,
+        parents: tuple[str, ...],
+    ) -> None:
+        """Fetch one blob into the store (shared with concurrent pulls of the same blob)."""
+        key = (ns, desc.digest)
+        running = self._inflight.get(key)
+        if running is not None:
+            await asyncio.shield(running)
+            await self._ensure_labels(ns, desc.digest, labels)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[key] = fut
+        try:
+            await self._download_once(ns, lease, client, ref, desc, labels, report, parents)
+            fut.set_result(None)
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved here, so an unwatched future never warns
+            raise
+        finally:
+            self._inflight.pop(key, None)
+
+    async def _download_once(
+        self,
+        ns: str,
+        lease: str,
+        client: RegistryClient,
+        ref: refmod.Reference,
+        desc: Descriptor,
+        labels: dict[str, str],
+        report: ProgressFunc,
+        parents: tuple[str, ...],
+    ) -> None:
+        try:
+            w = await self.content.writer(ns, f"layer-{desc.digest}", desc.size, desc.digest, lease)
+        except errdefs.AlreadyExists:
+            await self._ensure_labels(ns, desc.digest, labels)
+            report(Progress("already exists", desc.digest, parents, desc.size, desc.size))
+            return
+        try:
+            offset = w.status().offset
+            if offset > desc.size:
+                await w.truncate(0)  # more bytes than the blob has: start over
+                offset = 0
+            if offset < desc.size:
+                # Resumes an earlier partial download of this blob from where it stopped.
+                report(Progress("downloading", desc.digest, parents, offset, desc.size))
+                last = time.monotonic()
+                async for chunk in client.fetch(ref, desc, offset):
+                    await w.write(chunk)
+                    offset += len(chunk)
+                    now = time.monotonic()
+                    if now - last > 0.1:
+                        report(Progress("downloading", desc.digest, parents, offset, desc.size))
+                        last = now
+            await w.commit(desc.size, desc.digest, labels)
+        except errdefs.AlreadyExists:
+            await self._ensure_labels(ns, desc.digest, labels)
+        except errdefs.FailedPrecondition:
+            # Wrong bytes: drop them, so the next attempt starts clean instead of resuming them.
+            w.close()
+            await self.content.abort(ns, w.ingest.ref, lease)
+            raise
+        finally:
+            w.close()
+        report(Progress("complete", desc.digest, parents, desc.size, desc.size))
+
+    # -- the tree ------------------------------------------------------------------------------
+
+    async def _fetch_tree(
+        self,
+        ns: str,
+        lease: str,
+        client: RegistryClient,
+        ref: refmod.Reference,
+        top: Descriptor,
+        opts: PullOptions,
+        source: dict[str, str],
+        report: ProgressFunc,
+    ) -> list[tuple[Descriptor, dict[str, Any]]]:
+        """Store the index (if any), the chosen manifests and their configs; return the manifests."""
+        data = await client.fetch_bytes(ref, top)
+        doc = json.loads(data)
+        media_type = top.media_type or doc.get("mediaType", "")
+        if media_type in INDEX_TYPES:
+            children = [_descriptor(m) for m in doc.get("manifests", [])]
+            labels = dict(source)
+            for i, child in enumerate(children):
+                labels[f"containerd.io/gc.ref.content.m.{i}"] = child.digest
+            chosen = [
+                c
+                for c in children
+                if c.media_type in MANIFEST_TYPES
+                and (
+                    opts.all_platforms
+                    or any(
+                        (p := _platform_of(c)) is not None and platforms.matches(p, w) for w in opts.platforms
+                    )
+                )
+            ]
+            if not chosen:
+                wanted = ", ".join(str(p) for p in opts.platforms)
+                raise errdefs.NotFound(f"no match for platform in manifest {top.digest}: {wanted}")
+            out = []
+            for child in chosen:
+                out.append(await self._fetch_manifest(ns, lease, client, ref, child, source))
+            await self._store_bytes(ns, lease, "index", top, data, labels)
+            return out
+        if media_type in MANIFEST_TYPES:
+            return [await self._fetch_manifest(ns, lease, client, ref, top, source, data)]
+        if "v1+prettyjws" in media_type or doc.get("schemaVersion") == 1:
+            raise errdefs.NotImplementedErr("Docker schema 1 manifests are not supported")
+        raise errdefs.NotImplementedErr(f"unsupported manifest media type {media_type}")
+
+    async def _fetch_manifest(
+        self,
+        ns: str,
+        lease: str,
+        client: RegistryClient,
+        ref: refmod.Reference,
+        desc: Descriptor,
+        source: dict[str, str],
+        data: bytes | None = None,
+    ) -> tuple[Descriptor, dict[str, Any]]:
+        if data is None:
+            data = await client.fetch_bytes(ref, desc)
+        manifest = json.loads(data)
+        config = _descriptor(manifest["config"])
+        labels = dict(source)
+        labels["containerd.io/gc.ref.content.config"] = config.digest
+        for i, layer in enumerate(manifest.get("layers", [])):
+            labels[f"containerd.io/gc.ref.content.l.{i}"] = layer["digest"]
+        config_data = await client.fetch_bytes(ref, config)
+        await self._store_bytes(ns, lease, "config", config, config_data, dict(source))
+        await self._store_bytes(ns, lease, "manifest", desc, data, labels)
+        return desc, manifest
+
+    # -- unpacking -----------------------------------------------------------------------------
+
+    async def _unpack(
+        self,
+        ns: str,
+        lease: str,
+        client: RegistryClient,
+        ref: refmod.Reference,
+        manifest_desc: Descriptor,
+        manifest: dict[str, Any],
+        opts: PullOptions,
+        source: dict[str, str],
+        report: ProgressFunc,
+    ) -> None:
+        config_desc = _descriptor(manifest["config"])
+        chunks = [c async for _, c in await self.content.read(ns, config_desc.digest)]
+        config = json.loads(b"".join(chunks))
+        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+        layers = [_descriptor(m) for m in manifest.get("layers", [])]
+        if len(diff_ids) != len(layers):
+            raise errdefs.FailedPrecondition(
+                f"mismatched image rootfs and manifest layers: {len(diff_ids)} diff IDs, {len(layers)} layers"
+            )
+        parents = (manifest_desc.digest,)
+        sem = asyncio.Semaphore(MAX_DOWNLOADS)
+
+        async def download(layer: Descriptor) -> None:
+            async with sem:
+                await self._download(ns, lease, client, ref, layer, dict(source), report, parents)
+
+        downloads = [asyncio.ensure_future(download(layer)) for layer in layers]
+        store = self.snapshotters[opts.snapshotter]
+        chains = chain_ids(diff_ids)
+        try:
+            for i, layer in enumerate(layers):
+                await downloads[i]
+                await self._apply(
+                    ns, lease, store, layer, diff_ids[i], chains[i], chains[i - 1] if i else "", report
+                )
+        finally:
+            for d in downloads:
+                d.cancel()
+            await asyncio.gather(*downloads, return_exceptions=True)
+        if chains:
+            label = {f"containerd.io/gc.ref.snapshot.{opts.snapshotter}": chains[-1]}
+            await self.content.update(ns, config_desc.digest, label, [f"labels.{k}" for k in label])
+
+    async def _apply(
+        self,
+        ns: str,
+        lease: str,
+        store: SnapshotStore,
+        layer: Descriptor,
+        diff_id: str,
+        chain: str,
+        parent: str,
+        report: ProgressFunc,
+    ) -> None:
+        try:
+            await store.stat(ns, chain)
+            return  # already unpacked
+        except errdefs.NotFound:
+            pass
+        key = f"extract-{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()} {chain}"
+        report(Progress("extracting", layer.digest, (), 0, layer.size))
+        mounts: list[Mount] = await store.prepare(ns, key, parent, {}, lease)
+        try:
+            applied = await self.differ.apply(
+                ns, DiffDescriptor(layer.media_type, layer.digest, layer.size, {}), mounts
+            )
+            if applied.digest != diff_id:
+                raise errdefs.FailedPrecondition(
+                    f"wrong diff id calculated on extraction {applied.digest}, expected {diff_id}"
+                )
+            try:
+                await store.commit(ns, chain, key, {}, lease)
+            except errdefs.AlreadyExists:
+                pass  # unpacked concurrently by someone else: theirs is as good as ours
+        finally:
+            try:
+                await store.remove(ns, key)
+            except errdefs.NotFound:
+                pass
+        label = {"containerd.io/uncompressed": diff_id}
+        await self.content.update(ns, layer.digest, label, [f"labels.{k}" for k in label])
+        report(Progress("extracted", layer.digest, (), layer.size, layer.size))
+
+    # -- the image record ------------------------------------------------------------------------
+
+    async def _store_image(
+        self, ns: str, name: str, top: Descriptor, labels: dict[str, str]
+    ) -> imagestore.Image:
+        from pyctr.api._pb.containerd.services.images.v1 import ImageCreate, ImageUpdate
+
+        img = imagestore.Image(
+            name=name,
+            target=imagestore.Descriptor(top.media_type, top.digest, top.size, dict(top.annotations)),
+            labels=dict(labels),
+        )
+
+        def tx(c: Any) -> tuple[imagestore.Image, bool]:
+            try:
+                return imagestore.create(c, ns, img), True
+            except errdefs.AlreadyExists:
+                return imagestore.update(c, ns, img, []), False
+
+        stored, created = await self.db.update(tx)
+        if created:
+            self.exchange.publish(ns, "/images/create", ImageCreate(name=stored.name, labels=stored.labels))
+        else:
+            self.exchange.publish(ns, "/images/update", ImageUpdate(name=stored.name, labels=stored.labels))
+        return stored
+
+
+def _descriptor(d: dict[str, Any]) -> Descriptor:
+    return Descriptor(
+        media_type=str(d.get("mediaType", "")),
+        digest=str(d["digest"]),
+        size=int(d.get("size", 0)),
+        annotations=dict(d.get("annotations") or {}),
+        platform=d.get("platform"),
+        urls=tuple(d.get("urls") or ()),
+    )
