@@ -1,0 +1,1 @@
+"""Container processes: the init process, exec'd processes, and the state table they share."""

@@ -1,0 +1,161 @@
+"""The serving shim process: subreaper, log FIFO as stderr, Task service over ttrpc on fd 3.
+
+Start-up order (runtime/v2/shim/shim.go): become a child subreaper before any container process can
+be orphaned to us; point stderr at the bundle's ``log`` FIFO (the daemon holds it open O_RDWR and
+copies it to its own log); start the reaper thread; serve. SIGTERM/SIGINT stop the server and exit,
+leaving containers running; the ``Shutdown`` RPC exits only when no container is left. On exit the
+socket named in ``address`` is removed and queued events get up to 5 s to reach the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from typing import NoReturn
+
+from pyctr.api import ttrpc
+from pyctr.shim import address as shim_address
+from pyctr.shim.events import Publisher
+from pyctr.shim.reaper import Reaper
+from pyctr.shim.service import TASK_SERVICE, TaskService
+
+log = logging.getLogger("pyctr.shim")
+
+PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NAME = 15
+LISTEN_FD = 3
+
+
+def set_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
+    # A name for ps/top: a forked shim's command line is still the launcher's.
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(b"pyrunc-shim"), 0, 0, 0)
+
+
+class _FifoHandler(logging.Handler):
+    """Writes records to fd 2 without ever blocking: a full or reader-less FIFO drops the line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+            os.write(2, line.encode(errors="replace"))
+        except OSError:
+            pass  # EAGAIN (daemon not reading), EPIPE (daemon gone): logs are best effort
+        except Exception:
+            self.handleError(record)
+
+
+class _LogfmtFormatter(logging.Formatter):
+    """logrus-style lines, which the daemon's log reader passes on as-is."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        msg = record.getMessage()
+        if record.exc_info:
+            msg += "\n" + self.formatException(record.exc_info)
+        msg = msg.replace("\\", "\\\\").replace('"', '\\"')
+        return f'time="{stamp}.{int(record.msecs):03d}" level={record.levelname.lower()} msg="{msg}" runtime=pyrunc'
+
+
+def open_log_fifo(bundle: str) -> None:
+    """dup2s ``<bundle>/log`` onto fd 2 (non-blocking); keeps /dev/null when there is none."""
+    path = os.path.join(bundle, "log")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        # ENOENT: a daemon that keeps no log FIFO; ENXIO: nobody reads it (the daemon died meanwhile).
+        if exc.errno not in (errno.ENOENT, errno.ENXIO):
+            raise
+        return
+    os.dup2(fd, 2)  # dup2 clears close-on-exec on fd 2; runc gets its own stdio anyway
+    os.close(fd)
+
+
+def setup_logging(debug: bool) -> None:
+    handler = _FifoHandler()
+    handler.setFormatter(_LogfmtFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def listener(socket_flag: str) -> socket.socket:
+    if socket_flag:
+        return shim_address.new_socket(socket_flag if "://" in socket_flag else "unix://" + socket_flag)
+    sock = socket.socket(fileno=LISTEN_FD)
+    # Inherited without close-on-exec: keep it out of runc and the containers.
+    os.set_inheritable(LISTEN_FD, False)
+    return sock
+
+
+async def _serve(namespace: str, address: str, socket_flag: str, bundle: str) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    reaper = Reaper(loop)
+    reaper.start()
+    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
+    publisher.start()
+    service = TaskService(
+        namespace=namespace,
+        address=address,
+        reaper=reaper,
+        publisher=publisher,
+        shutdown=stop.set,
+    )
+    server = ttrpc.Server()
+    server.register(TASK_SERVICE, service.methods())
+    sock = listener(socket_flag)
+    sock.setblocking(False)
+    await server.serve_socket(sock)
+    log.debug("serving %s (pid %d)", TASK_SERVICE, os.getpid())
+
+    await stop.wait()
+    # Running calls (the Shutdown that got us here) answer first; the rest are cut off.
+    await server.shutdown(grace=1.0)
+    service.close()
+    with contextlib.suppress(OSError):
+        shim_address.remove_socket(shim_address.read_address(os.path.join(bundle, "address")))
+    if socket_flag:
+        shim_address.remove_socket(socket_flag)
+    await publisher.close(grace=5.0)
+
+
+def serve(namespace: str, address: str, socket_flag: str = "", debug: bool = False) -> NoReturn:
+    """The shim's main loop; never returns. The working directory is the bundle."""
+    bundle = os.getcwd()
+    set_subreaper()
+    open_log_fifo(bundle)
+    setup_logging(debug)
+    loop = new_event_loop()
+    code = 0
+    try:
+        loop.run_until_complete(_serve(namespace, address, socket_flag, bundle))
+    except Exception:
+        log.exception("shim failed")
+        code = 1
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    # No interpreter teardown: the reaper thread sits in waitid and nothing else needs flushing.
+    os._exit(code)

@@ -1,0 +1,430 @@
+"""Pure parts of the shim: flags, socket addresses, wire helpers, the state table, cgroup readers,
+mount options; plus the reaper and the start/delete actions as separate processes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from pyctr.api._pb.containerd.task import v2 as task
+from pyctr.api.errdefs import NotFound, Unknown
+from pyctr.shim import address, cgroups, mount
+from pyctr.shim import protowire as pw
+from pyctr.shim.__main__ import UsageError, parse_flags
+from pyctr.shim.bundle import RuncOptions, kill_all_on_exit, runc_root
+from pyctr.shim.process.state import EXEC, INIT, Op, State, transition
+from tests.shim.harness import is_mounted
+
+# -- flags -------------------------------------------------------------------------------------------
+
+
+def test_go_flag_syntax() -> None:
+    flags = parse_flags(
+        [
+            "-namespace",
+            "ns",
+            "--id=c1",
+            "-address=/run/x.sock",
+            "-debug",
+            "--publish-binary",
+            "/bin/c",
+            "start",
+            "-x",
+        ]
+    )
+    assert (flags.namespace, flags.id, flags.address, flags.publish_binary) == (
+        "ns",
+        "c1",
+        "/run/x.sock",
+        "/bin/c",
+    )
+    assert flags.debug and flags.args == ["start", "-x"]
+    assert parse_flags(["-debug=false", "-v"]).debug is False
+    assert parse_flags(["-v"]).version
+    assert parse_flags(["-namespace", "n", "--", "-id"]).args == ["-id"]
+    assert parse_flags(["-bundle", "/b", "-socket", "/s", "delete"]).bundle == "/b"
+    for bad in (["-nope"], ["-id"], ["-debug=maybe"], ["---id=x"]):
+        with pytest.raises(UsageError):
+            parse_flags(bad)
+
+
+# -- socket address ----------------------------------------------------------------------------------
+
+
+def test_socket_address_is_the_go_shims_hash() -> None:
+    # The runc shim's own example: sha256("/run/containerd/containerd.sock/default/redis").
+    addr = address.socket_address("/run/containerd/containerd.sock", "", "default", "redis")
+    assert addr == "unix:///run/containerd/s/f6b99128c07bdbd0902363ba979c22f8ef053e683a7ce24dd016a1ab17092c33"
+    # Our daemon's state dir: beside its ttrpc socket.
+    addr = address.socket_address("/var/p/d.sock", "/run/p/d.sock.ttrpc", "ns", "c")
+    digest = hashlib.sha256(b"/var/p/d.sock/ns/c").hexdigest()
+    assert addr == f"unix:///run/p/s/{digest}"
+    # Too long for sun_path: the fallback directory.
+    long_dir = "/tmp/" + "x" * 60
+    addr = address.socket_address(f"{long_dir}/d.sock", "", "ns", "c")
+    assert addr.startswith(f"unix://{address.FALLBACK_DIR}/") and len(address.socket_path(addr)) <= 106
+
+
+def test_address_file_is_written_atomically(tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "address")
+    address.write_address(path, "unix:///a")
+    address.write_address(path, "unix:///b")
+    with open(path) as f:
+        assert f.read() == "unix:///b"
+    assert os.listdir(str(tmp_path)) == ["address"]
+
+
+def test_runc_root_follows_the_daemon() -> None:
+    assert runc_root("", "/run/containerd/containerd.sock", "k8s") == "/run/containerd/runc/k8s"
+    assert runc_root("/custom", "/run/containerd/containerd.sock", "k8s") == "/custom/k8s"
+    assert runc_root("", "", "default") == "/run/pyctrd/runc/default"
+
+
+# -- wire ----------------------------------------------------------------------------------------------
+
+
+def test_protowire_delete_response_decodes_with_generated_code() -> None:
+    body = pw.uint(1, 1234) + pw.uint(2, 137) + pw.message(3, pw.timestamp(1700000000.25))
+    decoded = task.DeleteResponse.parse(body)
+    assert (decoded.pid, decoded.exit_status) == (1234, 137)
+    assert decoded.exited_at is not None and decoded.exited_at.timestamp() == 1700000000.25
+    assert dict(pw.fields(pw.string(1, "a") + pw.uint(2, 3))) == {1: b"a", 2: 3}
+    assert pw.varint(-1) == b"\xff" * 9 + b"\x01"
+
+
+def test_runc_options_json_is_gos_omitempty() -> None:
+    opts = RuncOptions(binary_name="crun", systemd_cgroup=True)
+    assert opts.to_json() == '{"binary_name": "crun", "systemd_cgroup": true}'
+    assert RuncOptions.from_json(opts.to_json()) == opts
+    assert RuncOptions.from_json('{"root": "/r", "unknown": 1}').root == "/r"
+
+
+# -- state table -----------------------------------------------------------------------------------
+
+
+def test_state_table() -> None:
+    assert transition(INIT, State.CREATED, Op.START) is State.RUNNING
+    assert transition(INIT, State.RUNNING, Op.PAUSE) is State.PAUSED
+    assert transition(INIT, State.PAUSED, Op.EXIT) is State.STOPPED
+    assert transition(INIT, State.STOPPED, Op.DELETE) is State.DELETED
+    with pytest.raises(Unknown, match="cannot delete a running process"):
+        transition(INIT, State.RUNNING, Op.DELETE)
+    with pytest.raises(Unknown, match="cannot exec in a paused state"):
+        transition(INIT, State.PAUSED, Op.EXEC)
+    with pytest.raises(NotFound):
+        transition(INIT, State.DELETED, Op.KILL)
+    with pytest.raises(Unknown):
+        transition(EXEC, State.RUNNING, Op.PAUSE)  # execs are paused with their container only
+    # An exit is never refused, from any state of either table.
+    for table in (INIT, EXEC):
+        for state in table:
+            transition(table, state, Op.EXIT)
+
+
+# -- cgroups -------------------------------------------------------------------------------------------
+
+
+def _write_tree(root: str, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = os.path.join(root, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def _message(body: bytes) -> dict[int, int | bytes]:
+    return dict(pw.fields(body))
+
+
+def test_v1_metrics_from_captured_files(tmp_path: object) -> None:
+    base = str(tmp_path)
+    dirs = {c: os.path.join(base, c, "ctr") for c in ("memory", "cpu", "cpuacct", "pids")}
+    _write_tree(
+        base,
+        {
+            "pids/ctr/pids.current": "3\n",
+            "pids/ctr/pids.max": "max\n",
+            "cpuacct/ctr/cpuacct.usage": "12657924\n",
+            "cpuacct/ctr/cpuacct.usage_percpu": "8674374 3983550 \n",
+            "cpuacct/ctr/cpuacct.stat": "user 1\nsystem 2\n",
+            "cpu/ctr/cpu.stat": "nr_periods 0\nnr_throttled 0\nthrottled_time 0\n",
+            "memory/ctr/memory.stat": "cache 4096\nrss 409600\ntotal_rss 409600\n",
+            "memory/ctr/memory.usage_in_bytes": "413696\n",
+            "memory/ctr/memory.limit_in_bytes": "9223372036854771712\n",
+            "memory/ctr/memory.oom_control": "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        },
+    )
+    metrics = _message(cgroups.v1_metrics(dirs))
+    pids = _message(metrics[2])  # type: ignore[arg-type]
+    assert pids == {1: 3, 2: (1 << 64) - 1}
+    usage = _message(_message(metrics[3])[1])  # type: ignore[arg-type]
+    assert usage[1] == 12657924 and usage[2] == 20_000_000 and usage[3] == 10_000_000
+    assert usage[4] == pw.varint(8674374) + pw.varint(3983550)  # packed repeated per_cpu
+    memory = _message(metrics[4])  # type: ignore[arg-type]
+    assert memory[1] == 4096 and memory[2] == 409600 and memory[19] == 409600
+    assert _message(memory[33])[2] == 413696  # type: ignore[arg-type]
+    assert _message(metrics[9])[3] == 2  # type: ignore[arg-type]
+
+
+def test_v2_metrics_from_captured_files(tmp_path: object) -> None:
+    path = str(tmp_path)
+    _write_tree(
+        path,
+        {
+            "pids.current": "2\n",
+            "pids.max": "100\n",
+            "cpu.stat": "usage_usec 5000\nuser_usec 3000\nsystem_usec 2000\nnr_periods 0\n",
+            "memory.stat": "anon 8192\nfile 4096\npgfault 10\n",
+            "memory.current": "12288\n",
+            "memory.max": "max\n",
+            "memory.events": "low 0\nhigh 0\nmax 1\noom 1\noom_kill 1\n",
+        },
+    )
+    metrics = _message(cgroups.v2_metrics(path))
+    assert _message(metrics[1]) == {1: 2, 2: 100}  # type: ignore[arg-type]
+    assert _message(metrics[2]) == {1: 5000, 2: 3000, 3: 2000}  # type: ignore[arg-type]
+    memory = _message(metrics[4])  # type: ignore[arg-type]
+    assert (memory[1], memory[2], memory[18], memory[32], memory[33]) == (
+        8192,
+        4096,
+        10,
+        12288,
+        (1 << 64) - 1,
+    )
+    assert _message(metrics[8]) == {3: 1, 4: 1, 5: 1}  # type: ignore[arg-type]
+
+
+def test_cgroup_paths_and_mountpoints(tmp_path: object) -> None:
+    mountinfo = os.path.join(str(tmp_path), "mountinfo")
+    with open(mountinfo, "w") as f:
+        f.write(
+            "32 31 0:29 / /sys/fs/cgroup/cpu,cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct\n"
+            "35 31 0:32 /outer /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n"
+            "41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n"
+        )
+    points = cgroups.v1_mountpoints(mountinfo)
+    assert points["cpu"] == points["cpuacct"] == ("/sys/fs/cgroup/cpu,cpuacct", "/")
+    assert points["memory"] == ("/sys/fs/cgroup/memory", "/outer")
+    assert "unified" not in points
+    own = cgroups.proc_cgroups(os.getpid())
+    assert own  # every process has at least one hierarchy
+
+
+def test_kill_all_on_exit_without_own_pid_namespace(tmp_path: object) -> None:
+    bundle = str(tmp_path)
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        f.write('{"linux": {"namespaces": [{"type": "mount"}, {"type": "pid", "path": "/proc/1/ns/pid"}]}}')
+    assert kill_all_on_exit(bundle)
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        f.write('{"linux": {"namespaces": [{"type": "pid"}]}}')
+    assert not kill_all_on_exit(bundle)
+
+
+# -- mounts ----------------------------------------------------------------------------------------
+
+
+def test_mount_options_split_like_containerd() -> None:
+    flags, propagation, data = mount.parse_options(["rbind", "ro", "nosuid", "rprivate", "lowerdir=/a", "rw"])
+    assert flags == mount.MS_BIND | mount.MS_REC | mount.MS_NOSUID  # "rw" cleared the earlier "ro"
+    assert propagation == mount.MS_PRIVATE | mount.MS_REC
+    assert data == ["lowerdir=/a"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+def test_readonly_bind_mount_and_unmount_all(tmp_path: object) -> None:
+    src = os.path.join(str(tmp_path), "src")
+    dst = os.path.join(str(tmp_path), "dst")
+    os.makedirs(src)
+    os.makedirs(dst)
+    try:
+        mount.mount_all([mount.Mount("bind", src, ("rbind", "ro")), mount.Mount("bind", src, ("bind",))], dst)
+        assert is_mounted(dst)
+        mount.unmount_all(dst)  # both stacked mounts
+        assert not is_mounted(dst)
+        mount.mount_all([mount.Mount("bind", src, ("rbind", "ro"))], dst)
+        with pytest.raises(OSError):
+            open(os.path.join(dst, "f"), "w").close()  # the read-only remount took effect
+    finally:
+        mount.unmount_all(dst)
+        mount.unmount_all(dst)  # idempotent
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts need root")
+def test_long_overlay_lowerdirs_are_compacted(tmp_path: object) -> None:
+    base = os.path.join(str(tmp_path), "layers-with-a-fairly-long-directory-name-to-exceed-a-page")
+    lowers = []
+    for i in range(60):
+        lower = os.path.join(base, f"{i:04d}", "fs")
+        os.makedirs(lower)
+        with open(os.path.join(lower, f"f{i}"), "w") as f:
+            f.write(str(i))
+        lowers.append(lower)
+    target = os.path.join(str(tmp_path), "merged")
+    os.makedirs(target)
+    option = "lowerdir=" + ":".join(lowers)
+    assert len(option) > 4096
+    try:
+        mount.mount_all([mount.Mount("overlay", "overlay", (option,))], target)
+        assert sorted(os.listdir(target)) == sorted(f"f{i}" for i in range(60))
+    finally:
+        mount.unmount_all(target)
+
+
+# -- reaper and actions in their own processes -------------------------------------------------------
+
+REAPER_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, os, time
+    from pyctr.shim.server import set_subreaper
+    from pyctr.shim.reaper import Reaper
+
+    async def main():
+        set_subreaper()
+        reaper = Reaper(asyncio.get_running_loop())
+        claimed = []
+        reaper.on_exit = lambda e: e.pid in owned and not claimed.append(e)
+        owned = set()
+        reaper.start()
+        _, done = reaper.spawn(["sh", "-c", "exit 4"])
+        assert (await done).status == 4
+        _, done = reaper.spawn(["sh", "-c", "kill -9 $$"])
+        assert (await done).status == 137
+        # An orphan (re-parented to us) exits while a subscription is open: it is recorded there.
+        sub = reaper.subscribe()
+        r, w = os.pipe()
+        _, done = reaper.spawn(["sh", "-c", "sleep 0.2 & echo $!"], stdio=(0, w, 2))
+        os.close(w)
+        await done
+        orphan = int(os.read(r, 100))
+        await asyncio.sleep(0.5)
+        assert [e.pid for e in sub.close()] == [orphan], sub.exits
+        # Once registered, the owner claims the exit instead.
+        _, done = reaper.spawn(["sh", "-c", "sleep 0.2 & echo $!"], stdio=(0, os.dup(1), 2))
+        await done
+        print("ok")
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_reaper_claims_buffers_and_reports_signals() -> None:
+    result = subprocess.run([sys.executable, "-c", REAPER_SCRIPT], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
+def _shim(*args: str, cwd: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyctr.shim", *args],
+        cwd=cwd,
+        capture_output=True,
+        timeout=30,
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="runc needs root")
+def test_delete_action_is_idempotent_and_fast(tmp_path: object) -> None:
+    bundle = os.path.join(str(tmp_path), "c1")
+    os.makedirs(os.path.join(bundle, "rootfs"))
+    with open(os.path.join(bundle, "init.pid"), "w") as f:
+        f.write("4242")
+    env = dict(os.environ, PATH=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    for _ in range(2):
+        started = time.monotonic()
+        result = _shim(
+            "-namespace", "ns", "-id", "c1", "-address", f"{tmp_path}/d.sock", "delete", cwd=bundle, env=env
+        )
+        assert time.monotonic() - started < 3
+        assert result.returncode == 0, result.stderr
+        response = task.DeleteResponse.parse(result.stdout)
+        assert (response.pid, response.exit_status) == (4242, 137)
+        assert response.exited_at is not None and abs(response.exited_at.timestamp() - time.time()) < 10
+
+
+def test_version_usage_and_errors(tmp_path: object) -> None:
+    result = _shim("-v", cwd=str(tmp_path))
+    assert result.returncode == 0 and result.stdout.startswith(b"containerd-shim-pyrunc-v2:\n  Version:")
+    assert _shim("-bogus", cwd=str(tmp_path)).returncode == 2
+    assert _shim("-id", "x", "start", cwd=str(tmp_path)).stderr == b"shim namespace cannot be empty\n"
+
+
+def test_serve_on_a_socket_flag_answers_connect(tmp_path: object) -> None:
+    import asyncio
+
+    from pyctr.api import ttrpc
+
+    bundle = str(tmp_path)
+    path = os.path.join(bundle, "s.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyctr.shim", "-namespace", "ns", "-id", "x", "-socket", path],
+        cwd=bundle,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+    async def connect() -> task.ConnectResponse:
+        for _ in range(200):
+            if os.path.exists(path):
+                break
+            await asyncio.sleep(0.02)
+        async with await ttrpc.Client.connect(path) as client:
+            reply = await client.call(
+                "containerd.task.v2.Task", "Connect", bytes(task.ConnectRequest(id="x"))
+            )
+        return task.ConnectResponse.parse(reply)
+
+    try:
+        response = asyncio.run(connect())
+        assert (response.shim_pid, response.task_pid) == (proc.pid, 0)
+        proc.terminate()  # SIGTERM: the shim exits cleanly and removes its socket
+        assert proc.wait(10) == 0
+        assert not os.path.exists(path)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_publisher_retries_in_order_until_the_daemon_listens(tmp_path: object) -> None:
+    import asyncio
+
+    from pyctr.api import ttrpc
+    from pyctr.api._pb.containerd import events as ev
+    from pyctr.api._pb.containerd.services.events.ttrpc.v1 import ForwardRequest
+    from pyctr.shim.events import Publisher
+
+    path = os.path.join(str(tmp_path), "events.sock")
+    received: list[tuple[str, str, str | None]] = []
+
+    async def forward(payload: bytes, ctx: ttrpc.Context) -> bytes:
+        envelope = ForwardRequest.parse(payload).envelope
+        assert envelope is not None and envelope.event is not None
+        received.append((envelope.topic, envelope.event.type_url, ctx.namespace))
+        return b""
+
+    async def main() -> None:
+        publisher = Publisher(path, "ns", budget=10)
+        publisher.start()
+        publisher.publish("/tasks/start", ev.TaskStart(container_id="c", pid=1))
+        publisher.publish("/tasks/oom", ev.TaskOom(container_id="c"))
+        await asyncio.sleep(0.5)  # nobody listens yet: the sender retries
+        server = ttrpc.Server()
+        server.register("containerd.services.events.ttrpc.v1.Events", {"Forward": forward})
+        await server.serve_unix(path)
+        await publisher.close(grace=5)
+        server.close()
+        await server.wait_closed()
+
+    asyncio.run(main())
+    assert received == [
+        ("/tasks/start", "containerd.events.TaskStart", "ns"),
+        ("/tasks/oom", "containerd.events.TaskOOM", "ns"),
+    ]
