@@ -12,13 +12,18 @@ The state part lives on tmpfs in production and does not survive a reboot; the w
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
+import re
 import shutil
 from dataclasses import dataclass
 
 from pyctr.api import identifiers
+from pyctr.api.errdefs import AlreadyExists
 
 STATE_DIR = "io.containerd.runtime.v2.task"
+MNT_DETACH = 2
 
 
 @dataclass(frozen=True)
@@ -37,14 +42,47 @@ class Bundle:
             return f.read().strip()
 
     def delete(self) -> None:
-        """Remove the bundle: renamed away first, so a half-deleted one is never loaded again."""
+        """Remove the bundle: renamed away first, so a half-deleted one is never loaded again.
+
+        A rootfs still mounted (a shim that died before unmounting it) is detached first, so the
+        removal never reaches into the container's filesystem.
+        """
         for path in (self.path, self.work):
+            doomed = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+            unmount(doomed)  # debris of an earlier delete may still hold a mount
+            shutil.rmtree(doomed, ignore_errors=True)
             if not os.path.lexists(path):
                 continue
-            doomed = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
-            shutil.rmtree(doomed, ignore_errors=True)
+            unmount(path)
             os.rename(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
+
+
+def unmount(path: str) -> None:
+    """Lazily detach everything mounted at or below ``path``, every layer of it, deepest first.
+
+    Mounts are read from /proc/self/mountinfo: ``os.path.ismount`` misses a bind mount from the
+    same filesystem (the native snapshotter's rootfs), and rmtree would then delete through it.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    real = os.path.realpath(path)
+    for _ in range(100):  # stacked mounts come off one layer per pass
+        targets = [t for t in _mount_targets() if t == real or t.startswith(real + "/")]
+        if not targets:
+            return
+        for target in sorted(targets, key=len, reverse=True):
+            if libc.umount2(target.encode(), MNT_DETACH) != 0:
+                err = ctypes.get_errno()
+                if err != errno.EINVAL:  # EINVAL: already gone with its parent
+                    raise OSError(err, f"unmount {target}: {os.strerror(err)}")
+    raise OSError(errno.EBUSY, f"unmount {path}: mounts keep coming back")
+
+
+def _mount_targets() -> list[str]:
+    """Mount points of this mount namespace (mountinfo escapes space, tab, newline, backslash)."""
+    with open("/proc/self/mountinfo") as f:
+        fields = [line.split(" ", 5)[4] for line in f]
+    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), t) for t in fields]
 
 
 def bundle_for(state: str, root: str, ns: str, task_id: str) -> Bundle:
@@ -56,7 +94,10 @@ def create(state: str, root: str, ns: str, task_id: str, spec: bytes) -> Bundle:
     b = bundle_for(state, root, ns, task_id)
     os.makedirs(os.path.dirname(b.path), mode=0o711, exist_ok=True)
     os.makedirs(os.path.dirname(b.work), mode=0o711, exist_ok=True)
-    os.mkdir(b.path, 0o700)
+    try:
+        os.mkdir(b.path, 0o700)
+    except FileExistsError:
+        raise AlreadyExists(f"bundle for task {task_id}") from None
     try:
         os.makedirs(b.work, mode=0o711, exist_ok=True)
         os.mkdir(os.path.join(b.path, "rootfs"), 0o711)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -263,9 +262,10 @@ class TaskManager:
             log.info("cleaning up dead task", id=b.id, namespace=b.namespace, error=str(exc))
             t.deleting = True
             if not binary_path:
+                # The daemon stopped before this shim was started: nothing ran, nothing to report.
                 self.tasks.pop((b.namespace, b.id), None)
                 self._close_log(t)
-                await asyncio.to_thread(shutil.rmtree, b.path, True)
+                await asyncio.to_thread(b.delete)
                 return
             await self._cleanup_dead(t)
             return
