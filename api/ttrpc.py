@@ -895,7 +895,7 @@ class _ClientConnection(asyncio.Protocol):
         method: str,
         payload: bytes,
         metadata: Metadata | None,
-        timeout: float | None,  # noqa: ASYNC109 (sent as timeout_nano, so not the caller's to wrap)
+        timeout: float | None,  # sent as timeout_nano, so not the caller's to wrap
     ) -> bytes:
         if self._closed or self._transport is None:
             raise ConnectionClosed("ttrpc: closed")
@@ -985,7 +985,7 @@ class Client:
         payload: bytes,
         *,
         metadata: Metadata | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109 (the server must learn the deadline)
+        timeout: float | None = None,  # the server must learn the deadline
     ) -> bytes:
         """One unary call; returns the reply payload.
 

@@ -38,11 +38,11 @@ NATIVE_REGISTRATION = plugin.Registration(type=plugin.SNAPSHOT, id=native.PLUGIN
 
 
 class Snapshotters(dict[str, SnapshotStore]):
-    """Every loaded snapshotter, by name, wrapped for namespaces."""
+    """Every loaded snapshotter, by name, wrapped for namespaces.
 
-    async def close(self) -> None:
-        for store in self.values():
-            await store.backend.close()
+    No ``close``: the backends belong to their own plugins, which the registry closes after this
+    service (closing them here too made every shutdown log "failed to close plugin").
+    """
 
 
 async def _init_service(ic: plugin.InitContext) -> Snapshotters:
