@@ -8,15 +8,19 @@ Progress`` messages; the stream is closed when the transfer ends.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 from pyctr.api import namespaces, platforms, typeurl
 from pyctr.api._pb.containerd.services.transfer import v1 as pb
 from pyctr.api._pb.containerd.types import transfer as tt
 from pyctr.api._pb.google.protobuf import Empty
 from pyctr.api.errdefs import InvalidArgument, NotFound, NotImplementedErr
 from pyctr.daemon import plugin
-from pyctr.daemon.remotes.registry import RegistryClient
-from pyctr.daemon.transfer.pull import Progress, Puller, PullOptions
 from pyctr.daemon.transfer.streams import SideStream, StreamManager
+
+if TYPE_CHECKING:
+    from pyctr.daemon.transfer.pull import Progress, Puller, PullOptions
 
 
 def _decode(msg: object, what: str) -> object:
@@ -29,6 +33,8 @@ def _decode(msg: object, what: str) -> object:
 
 
 def pull_options(dest: tt.ImageStore) -> PullOptions:
+    from pyctr.daemon.transfer.pull import PullOptions
+
     wanted = [
         platforms.normalize(platforms.Platform(p.os, p.architecture, p.variant)) for p in dest.platforms
     ]
@@ -45,9 +51,18 @@ def pull_options(dest: tt.ImageStore) -> PullOptions:
 
 
 class TransferService(pb.TransferBase):
-    def __init__(self, puller: Puller, streams: StreamManager) -> None:
-        self.puller = puller
+    def __init__(self, make_puller: Callable[[], Puller], streams: StreamManager) -> None:
+        # The registry client (aiohttp) is imported on the first transfer, not at daemon start:
+        # it is a quarter of pyctrd's import time and most daemons never pull.
+        self._make_puller = make_puller
+        self._puller: Puller | None = None
         self.streams = streams
+
+    @property
+    def puller(self) -> Puller:
+        if self._puller is None:
+            self._puller = self._make_puller()
+        return self._puller
 
     async def transfer(self, message: pb.TransferRequest) -> Empty:
         ns = namespaces.required()
@@ -85,15 +100,27 @@ class TransferService(pb.TransferBase):
 
 
 async def _init(ic: plugin.InitContext) -> TransferService:
-    puller = Puller(
-        db=ic.get(plugin.METADATA),
-        content=ic.get(plugin.CONTENT),
-        snapshotters=ic.get_by_id(plugin.SERVICE, "snapshots-service"),
-        differ=ic.get(plugin.DIFF),
-        exchange=ic.get(plugin.EVENT),
-        client_factory=lambda: RegistryClient(config_dir=ic.plugin_config.get("config_path") or None),
-    )
-    return TransferService(puller, ic.get_by_id(plugin.INTERNAL, "streaming"))
+    db = ic.get(plugin.METADATA)
+    content = ic.get(plugin.CONTENT)
+    snapshotters = ic.get_by_id(plugin.SERVICE, "snapshots-service")
+    differ = ic.get(plugin.DIFF)
+    exchange = ic.get(plugin.EVENT)
+    config_dir = ic.plugin_config.get("config_path") or None
+
+    def make_puller() -> Puller:
+        from pyctr.daemon.remotes.registry import RegistryClient
+        from pyctr.daemon.transfer.pull import Puller
+
+        return Puller(
+            db=db,
+            content=content,
+            snapshotters=snapshotters,
+            differ=differ,
+            exchange=exchange,
+            client_factory=lambda: RegistryClient(config_dir=config_dir),
+        )
+
+    return TransferService(make_puller, ic.get_by_id(plugin.INTERNAL, "streaming"))
 
 
 REGISTRATION = plugin.Registration(
