@@ -1,4 +1,10 @@
-"""``pyctr images pull|ls|check|tag|rm|inspect``; pulls run in the daemon (the Transfer service)."""
+"""``pyctr images pull|push|import|export|ls|check|tag|rm|inspect|mount|unmount``.
+
+Pull, push, import and export run in the daemon (the Transfer service); import and export move
+the tar over a flow-controlled side stream (see pyctr.daemon.transfer.archive for the protocol:
+the receiver grants window with WindowUpdate, the sender sends Data within it). Mount and unmount
+are client-side, as ctr's: a View snapshot of the image's top layer, mounted here.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from pyctr.api import platforms, typeurl
@@ -19,7 +26,7 @@ from pyctr.api._pb.containerd.services.transfer.v1 import TransferOptions, Trans
 from pyctr.api._pb.containerd.types import Platform as PbPlatform
 from pyctr.api._pb.containerd.types import transfer as tt
 from pyctr.api._pb.google.protobuf import Any as PbAny
-from pyctr.api.errdefs import ContainerdError, NotFound
+from pyctr.api.errdefs import ContainerdError, InvalidArgument, NotFound
 from pyctr.ctr import output
 from pyctr.ctr.client import Client
 
@@ -67,6 +74,40 @@ def register(sub: Any) -> None:
     check = verbs.add_parser("check", help="check that an image's content is complete")
     check.add_argument("filters", nargs="*")
     check.set_defaults(func=check_)
+
+    push = verbs.add_parser("push", help="push an image to a registry (plain HTTP for localhost)")
+    push.add_argument("ref", help="where to push, e.g. 127.0.0.1:5000/library/busybox:latest")
+    push.add_argument("local", nargs="?", default="", help="the local image (default: ref)")
+    push.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    push.set_defaults(func=push_)
+
+    export = verbs.add_parser("export", help="write images to an OCI layout tar (docker-loadable)")
+    export.add_argument("file")
+    export.add_argument("refs", nargs="+")
+    export.add_argument("--platform", action="append", default=[])
+    export.add_argument("--all-platforms", action="store_true")
+    export.add_argument("--skip-manifest-json", action="store_true")
+    export.set_defaults(func=export_)
+
+    imp = verbs.add_parser("import", help="import images from an OCI layout or docker-archive tar")
+    imp.add_argument("file")
+    imp.add_argument("--base-name", default="", help="name prefix for images named only by a tag")
+    imp.add_argument("--snapshotter", default=os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs")
+    imp.add_argument("--no-unpack", action="store_true")
+    imp.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    imp.set_defaults(func=import_)
+
+    mount = verbs.add_parser("mount", help="mount an image's root filesystem read-only at TARGET")
+    mount.add_argument("ref")
+    mount.add_argument("target")
+    mount.add_argument("--snapshotter", default=os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs")
+    mount.set_defaults(func=mount_)
+
+    unmount = verbs.add_parser("unmount", help="unmount an image mounted at TARGET")
+    unmount.add_argument("target")
+    unmount.add_argument("--rm", action="store_true", help="also remove the snapshot and its lease")
+    unmount.add_argument("--snapshotter", default=os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs")
+    unmount.set_defaults(func=unmount_)
 
 
 # -- pull ------------------------------------------------------------------------------------------
@@ -369,3 +410,279 @@ async def image_config(client: Client, name: str) -> tuple[dict[str, Any], list[
             diff_id = "sha256:" + hashlib.sha256(f"{chains[-1]} {diff_id}".encode()).hexdigest()
         chains.append(diff_id)
     return config, chains
+
+
+# -- side streams, push, import, export ----------------------------------------------------------
+
+MAX_READ = 32 * 1024  # containerd's Data size and window: pyctr.daemon.transfer.archive
+WINDOW = 2 * MAX_READ
+
+
+class SideStream:
+    """Our end of a Streaming.Stream: ``send`` Anys, read decoded messages from ``incoming``."""
+
+    def __init__(self, client: Client, prefix: str) -> None:
+        self.client = client
+        self.id = f"{prefix}-{os.getpid()}-{time.time_ns()}"
+        self._out: asyncio.Queue[PbAny | None] = asyncio.Queue()
+        self.incoming: asyncio.Queue[object | None] = asyncio.Queue()  # None: the daemon closed it
+        self._acked = asyncio.Event()
+        self._reader: asyncio.Future[None] | None = None
+
+    async def _requests(self) -> AsyncIterator[PbAny]:
+        url, value = typeurl.marshal(StreamInit(id=self.id))
+        yield PbAny(type_url=url, value=value)
+        while (msg := await self._out.get()) is not None:
+            yield msg
+
+    async def open(self) -> SideStream:
+        responses = self.client.streaming.stream(self._requests())
+
+        async def read() -> None:
+            try:
+                async for msg in responses:
+                    if not self._acked.is_set():
+                        self._acked.set()  # the first message acknowledges the registration
+                        continue
+                    try:
+                        self.incoming.put_nowait(typeurl.unmarshal(msg.type_url, msg.value))
+                    except KeyError:
+                        continue  # unknown message types are ignored, as containerd does
+            finally:
+                self.incoming.put_nowait(None)
+                self._acked.set()
+
+        self._reader = asyncio.ensure_future(read())
+        await asyncio.wait_for(asyncio.shield(self._acked.wait()), 10)
+        if self._reader.done():
+            self._reader.result()  # the daemon refused the stream: raise its error
+            raise ContainerdError(f"stream {self.id} closed before it was acknowledged")
+        return self
+
+    def send(self, message: Any) -> None:
+        url, value = typeurl.marshal(message)
+        self._out.put_nowait(PbAny(type_url=url, value=value))
+
+    def end(self) -> None:
+        """End our half (EOF for the daemon); the daemon's half ends when its transfer does."""
+        self._out.put_nowait(None)
+
+    async def close(self) -> None:
+        self.end()
+        if self._reader is not None:
+            try:
+                await asyncio.wait_for(self._reader, 10)
+            except (TimeoutError, Exception):
+                self._reader.cancel()
+
+
+def _any(message: Any) -> PbAny:
+    url, value = typeurl.marshal(message)
+    return PbAny(type_url=url, value=value)
+
+
+async def _transfer(client: Client, source: Any, destination: Any, progress_id: str = "") -> None:
+    await client.transfer.transfer(
+        TransferRequest(
+            source=_any(source),
+            destination=_any(destination),
+            options=TransferOptions(progress_stream=progress_id),
+        )
+    )
+
+
+async def push_(args: argparse.Namespace, client: Client) -> int:
+    progress = await SideStream(client, "progress").open()
+    view = ProgressView(sys.stdout.isatty() and not args.plain)
+
+    async def show() -> None:
+        while (obj := await progress.incoming.get()) is not None:
+            if isinstance(obj, tt.Progress):
+                view.update(obj)
+
+    shower = asyncio.ensure_future(show())
+    try:
+        await _transfer(
+            client,
+            tt.ImageStore(name=args.local or args.ref),
+            tt.OciRegistry(reference=args.ref, resolver=tt.RegistryResolver()),
+            progress.id,
+        )
+        await asyncio.wait_for(shower, 10)
+    finally:
+        shower.cancel()
+        await progress.close()
+    print(f"pushed: {args.ref} in {time.monotonic() - view.started:.2f}s")
+    return 0
+
+
+async def export_(args: argparse.Namespace, client: Client) -> int:
+    data = await SideStream(client, "export").open()
+    received = 0
+
+    async def receive(f: Any) -> None:
+        # The receiving half of the protocol: keep at least WINDOW granted, write what arrives.
+        nonlocal received
+        window = 0
+        while True:
+            if window < WINDOW:
+                data.send(tt.WindowUpdate(update=WINDOW))
+                window += WINDOW
+            obj = await data.incoming.get()
+            if obj is None:
+                return
+            if isinstance(obj, tt.Data):
+                f.write(obj.data)
+                window -= len(obj.data)
+                received += len(obj.data)
+
+    wanted = [platforms.parse(p) for p in args.platform]
+    tmp = f"{args.file}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:  # noqa: ASYNC230 - the CLI has nothing else to run meanwhile
+            receiver = asyncio.ensure_future(receive(f))
+            try:
+                await _transfer(
+                    client,
+                    tt.ImageStore(
+                        name=args.refs[0], extra_references=[tt.ImageReference(name=r) for r in args.refs[1:]]
+                    ),
+                    tt.ImageExportStream(
+                        stream=data.id,
+                        media_type="application/x-tar",
+                        platforms=[
+                            PbPlatform(os=p.os, architecture=p.architecture, variant=p.variant)
+                            for p in wanted
+                        ],
+                        all_platforms=args.all_platforms,
+                        skip_compatibility_manifest=args.skip_manifest_json,
+                    ),
+                )
+                await asyncio.wait_for(receiver, 30)  # the daemon closed the stream after the tar
+            finally:
+                receiver.cancel()
+                await data.close()
+        os.replace(tmp, args.file)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    print(f"exported {', '.join(args.refs)} to {args.file} ({output.human_size(received)})")
+    return 0
+
+
+async def import_(args: argparse.Namespace, client: Client) -> int:
+    data = await SideStream(client, "import").open()
+    with open(args.file, "rb") as f:  # noqa: ASYNC230 - opened first, so a missing file fails cleanly
+
+        async def send() -> None:
+            # The sending half: Data within the window the daemon grants, then end our half.
+            window = 0
+            while True:
+                while window <= 0:
+                    obj = await data.incoming.get()
+                    if obj is None:
+                        return  # the daemon ended the transfer (it failed or needs no more)
+                    if isinstance(obj, tt.WindowUpdate):
+                        window += obj.update
+                chunk = f.read(min(MAX_READ, window))
+                if not chunk:
+                    data.end()
+                    return
+                data.send(tt.Data(data=chunk))
+                window -= len(chunk)
+
+        sender = asyncio.ensure_future(send())
+        unpacks = (
+            []
+            if args.no_unpack
+            else [
+                tt.UnpackConfiguration(
+                    platform=PbPlatform(
+                        os=platforms.default().os,
+                        architecture=platforms.default().architecture,
+                        variant=platforms.default().variant,
+                    ),
+                    snapshotter=args.snapshotter,
+                )
+            ]
+        )
+        started = time.monotonic()
+        try:
+            await _transfer(
+                client,
+                tt.ImageImportStream(stream=data.id, media_type="application/x-tar"),
+                tt.ImageStore(
+                    labels=output.parse_labels(args.label),
+                    extra_references=[tt.ImageReference(name=args.base_name, is_prefix=True)]
+                    if args.base_name
+                    else [],
+                    unpacks=unpacks,
+                ),
+            )
+        finally:
+            sender.cancel()
+            with contextlib.suppress(BaseException):
+                await sender
+            await data.close()
+    print(f"imported {args.file} in {time.monotonic() - started:.2f}s")
+    return 0
+
+
+# -- mount -----------------------------------------------------------------------------------------
+
+
+async def mount_(args: argparse.Namespace, client: Client) -> int:
+    """A View of the image's top snapshot, kept by a lease named after the target, mounted there."""
+    from pyctr.api._pb.containerd.services.leases.v1 import CreateRequest as LeaseCreate
+    from pyctr.api._pb.containerd.services.snapshots import v1 as spb
+
+    _, chains = await image_config(client, args.ref)
+    if not chains:
+        raise InvalidArgument(f"image {args.ref} has no layers")
+    target = os.path.abspath(args.target)
+    expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 24 * 3600))
+    await client.leases.create(
+        LeaseCreate(id=_mount_lease(target), labels={"containerd.io/gc.expire": expiry})
+    )
+    md = {"containerd-namespace": args.namespace, "containerd-lease": _mount_lease(target)}
+    resp = await client.snapshots.view(
+        spb.ViewSnapshotRequest(snapshotter=args.snapshotter, key=target, parent=chains[-1]), metadata=md
+    )
+    for m in resp.mounts:
+        options = list(m.options)
+        if m.type == "overlay" and "ro" not in options:
+            options.append("ro")  # a lone lowerdir overlay is read-only anyway; say so, as ctr does
+        cmd = ["mount", "-t", m.type, m.source, target] + (["-o", ",".join(options)] if options else [])
+        proc = await asyncio.create_subprocess_exec(*cmd, stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        if proc.returncode != 0:
+            raise ContainerdError(f"mount {target}: {err.decode(errors='replace').strip()}")
+    print(target)
+    return 0
+
+
+def _mount_lease(target: str) -> str:
+    # Lease IDs are identifiers: derive one from the path (which may hold '/').
+    import hashlib
+
+    return "pyctr-mount-" + hashlib.sha256(target.encode()).hexdigest()[:16]
+
+
+async def unmount_(args: argparse.Namespace, client: Client) -> int:
+    from pyctr.api._pb.containerd.services.leases.v1 import DeleteRequest as LeaseDelete
+    from pyctr.api._pb.containerd.services.snapshots import v1 as spb
+
+    target = os.path.abspath(args.target)
+    proc = await asyncio.create_subprocess_exec("umount", target, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    if proc.returncode != 0 and b"not mounted" not in err:
+        raise ContainerdError(f"unmount {target}: {err.decode(errors='replace').strip()}")
+    if args.rm:
+        # The view first: deleting the lease lets the collector take it, and then Remove fails.
+        with contextlib.suppress(NotFound):
+            await client.snapshots.remove(spb.RemoveSnapshotRequest(snapshotter=args.snapshotter, key=target))
+        with contextlib.suppress(NotFound):
+            await client.leases.delete(LeaseDelete(id=_mount_lease(target)))
+    print(target)
+    return 0

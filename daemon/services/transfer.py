@@ -1,14 +1,22 @@
 """containerd.services.transfer.v1.Transfer: the daemon moves images itself, reporting progress.
 
-Supported now: a registry (``OCIRegistry``) into the image store (``ImageStore``) — a pull with
-unpack. Other source/destination pairs (push, import, export) answer Unimplemented, naming the
-pair. Progress goes to the side stream named in the options, as ``containerd.types.transfer.
-Progress`` messages; the stream is closed when the transfer ends.
+Supported pairs (source -> destination):
+
+    OCIRegistry        -> ImageStore          pull (with unpack when the store asks for it)
+    ImageStore         -> OCIRegistry         push
+    ImageStore         -> ImageExportStream   export: an OCI layout tar down a data side stream
+    ImageImportStream  -> ImageStore          import: an OCI layout or docker-archive tar
+
+Other pairs answer Unimplemented, naming the pair. Progress goes to the side stream named in the
+options, as ``containerd.types.transfer.Progress`` messages; the stream is closed when the
+transfer ends. The data streams of import and export are flow-controlled as
+:mod:`pyctr.daemon.transfer.archive` describes, and closed when the transfer ends.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from pyctr.api import namespaces, platforms, typeurl
@@ -20,7 +28,9 @@ from pyctr.daemon import plugin
 from pyctr.daemon.transfer.streams import SideStream, StreamManager
 
 if TYPE_CHECKING:
+    from pyctr.daemon.transfer.archive import Exporter, Importer, ImportOptions
     from pyctr.daemon.transfer.pull import Progress, Puller, PullOptions
+    from pyctr.daemon.transfer.push import Pusher
 
 
 def _decode(msg: object, what: str) -> object:
@@ -50,19 +60,66 @@ def pull_options(dest: tt.ImageStore) -> PullOptions:
     return opts
 
 
+def import_options(dest: tt.ImageStore) -> ImportOptions:
+    from pyctr.daemon.transfer.archive import ImportOptions
+
+    # containerd's ctr passes --base-name as an extra reference marked as a prefix.
+    base = next((r.name for r in dest.extra_references if r.is_prefix), "") or dest.name
+    return ImportOptions(
+        base_name=base,
+        labels=dict(dest.labels),
+        unpacks=[
+            (
+                platforms.normalize(
+                    platforms.Platform(u.platform.os, u.platform.architecture, u.platform.variant)
+                )
+                if u.platform is not None and u.platform.os
+                else platforms.default(),
+                u.snapshotter or "overlayfs",
+            )
+            for u in dest.unpacks
+        ],
+    )
+
+
+@dataclass
+class Workers:
+    """How the service builds what does the work; called on first use (see TransferService)."""
+
+    puller: Callable[[], Puller]
+    pusher: Callable[[], Pusher]
+    exporter: Callable[[], Exporter]
+    importer: Callable[[], Importer]
+
+
 class TransferService(pb.TransferBase):
-    def __init__(self, make_puller: Callable[[], Puller], streams: StreamManager) -> None:
+    def __init__(self, workers: Workers, streams: StreamManager) -> None:
         # The registry client (aiohttp) is imported on the first transfer, not at daemon start:
         # it is a quarter of pyctrd's import time and most daemons never pull.
-        self._make_puller = make_puller
+        self._workers = workers
         self._puller: Puller | None = None
+        self._pusher: Pusher | None = None
         self.streams = streams
 
     @property
     def puller(self) -> Puller:
         if self._puller is None:
-            self._puller = self._make_puller()
+            self._puller = self._workers.puller()
         return self._puller
+
+    @property
+    def pusher(self) -> Pusher:
+        if self._pusher is None:
+            self._pusher = self._workers.pusher()
+        return self._pusher
+
+    def _data_stream(self, ns: str, stream_id: str) -> SideStream:
+        if not stream_id:
+            raise InvalidArgument("transfer data stream id must be set")
+        try:
+            return self.streams.get(ns, stream_id)
+        except NotFound:
+            raise NotFound(f"data stream {stream_id}") from None
 
     async def transfer(self, message: pb.TransferRequest) -> Empty:
         ns = namespaces.required()
@@ -87,9 +144,24 @@ class TransferService(pb.TransferBase):
                     )
                 )
 
+        def report_blob(event: str, name: str, progress: int, total: int) -> None:
+            if progress_stream is not None:
+                progress_stream.send(tt.Progress(event=event, name=name, progress=progress, total=total))
+
         try:
             if isinstance(src, tt.OciRegistry) and isinstance(dst, tt.ImageStore):
                 await self.puller.pull(ns, src.reference, pull_options(dst), report)
+                return Empty()
+            if isinstance(src, tt.ImageStore) and isinstance(dst, tt.OciRegistry):
+                if not src.name:
+                    raise InvalidArgument("push: the source image name must be set")
+                await self.pusher.push(ns, src.name, dst.reference, report)
+                return Empty()
+            if isinstance(src, tt.ImageStore) and isinstance(dst, tt.ImageExportStream):
+                await self._export(ns, src, dst, report_blob)
+                return Empty()
+            if isinstance(src, tt.ImageImportStream) and isinstance(dst, tt.ImageStore):
+                await self._import(ns, src, dst, report_blob)
                 return Empty()
             raise NotImplementedErr(
                 f"transfer from {type(src).__name__} to {type(dst).__name__} is not implemented"
@@ -97,6 +169,50 @@ class TransferService(pb.TransferBase):
         finally:
             if progress_stream is not None:
                 progress_stream.close()
+
+    async def _export(
+        self,
+        ns: str,
+        src: tt.ImageStore,
+        dst: tt.ImageExportStream,
+        report: Callable[[str, str, int, int], None],
+    ) -> None:
+        from pyctr.daemon.transfer.archive import DataSender, ExportOptions
+
+        names = [n for n in [src.name, *(r.name for r in src.extra_references)] if n]
+        if not names:
+            raise InvalidArgument("export: no image name given")
+        side = self._data_stream(ns, dst.stream)
+        opts = ExportOptions(
+            platforms=[platforms.Platform(p.os, p.architecture, p.variant) for p in dst.platforms],
+            all_platforms=dst.all_platforms,
+            skip_docker_manifest=dst.skip_compatibility_manifest,
+        )
+        sender = DataSender(side)
+        try:
+            await self._workers.exporter().export(ns, names, opts, sender, report)
+        finally:
+            await sender.aclose()
+            side.close()  # the end of the data stream is the end of the tar
+
+    async def _import(
+        self,
+        ns: str,
+        src: tt.ImageImportStream,
+        dst: tt.ImageStore,
+        report: Callable[[str, str, int, int], None],
+    ) -> None:
+        from pyctr.daemon.transfer.archive import receive_data
+
+        side = self._data_stream(ns, src.stream)
+        try:
+            images = await self._workers.importer().import_(
+                ns, receive_data(side), import_options(dst), report
+            )
+            if not images:
+                raise NotFound("import: the archive names no image")
+        finally:
+            side.close()
 
 
 async def _init(ic: plugin.InitContext) -> TransferService:
@@ -120,7 +236,24 @@ async def _init(ic: plugin.InitContext) -> TransferService:
             client_factory=lambda: RegistryClient(config_dir=config_dir),
         )
 
-    return TransferService(make_puller, ic.get_by_id(plugin.INTERNAL, "streaming"))
+    def make_pusher() -> Pusher:
+        from pyctr.daemon.remotes.registry import RegistryClient
+        from pyctr.daemon.transfer.push import Pusher
+
+        return Pusher(db=db, content=content, client_factory=lambda: RegistryClient(config_dir=config_dir))
+
+    def make_exporter() -> Exporter:
+        from pyctr.daemon.transfer.archive import Exporter
+
+        return Exporter(db=db, content=content)
+
+    def make_importer() -> Importer:
+        from pyctr.daemon.transfer.archive import Importer
+
+        return Importer(db=db, content=content, snapshotters=snapshotters, differ=differ, exchange=exchange)
+
+    workers = Workers(puller=make_puller, pusher=make_pusher, exporter=make_exporter, importer=make_importer)
+    return TransferService(workers, ic.get_by_id(plugin.INTERNAL, "streaming"))
 
 
 REGISTRATION = plugin.Registration(
