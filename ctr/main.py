@@ -13,9 +13,21 @@ from collections.abc import Sequence
 
 from pyctr.api import errdefs
 from pyctr.ctr.client import Client, default_address, translate
-from pyctr.ctr.commands import content, events, images, leases, namespaces, plugins, run, snapshots, version
+from pyctr.ctr.commands import (
+    containers,
+    content,
+    events,
+    images,
+    leases,
+    namespaces,
+    plugins,
+    run,
+    snapshots,
+    tasks,
+    version,
+)
 
-COMMANDS = [version, namespaces, plugins, leases, content, snapshots, images, run, events]
+COMMANDS = [version, namespaces, plugins, leases, content, snapshots, images, containers, tasks, run, events]
 
 
 def parser() -> argparse.ArgumentParser:

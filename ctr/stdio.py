@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 FIFO_ROOT = "/run/pyctr/fifo"
@@ -65,24 +66,58 @@ def start_output(fs: FifoSet) -> None:
         fs._tasks.append(asyncio.ensure_future(_copy_out(fs.stderr, sys.stderr.fileno())))
 
 
-async def copy_stdin(fs: FifoSet, on_eof: object) -> None:
-    """Feed our stdin into the task until it ends, then call ``on_eof`` (CloseIO)."""
-    fd = os.open(fs.stdin, os.O_RDWR | os.O_CLOEXEC)
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, _wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+
+
+async def _writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_writer(fd, _wake, ready)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
+
+
+async def copy_stdin(fifos: FifoSet, on_eof: Callable[[], Awaitable[None]]) -> None:
+    """Feed our stdin into the task until it ends, then call ``on_eof`` (CloseIO).
+
+    Waits for input on the loop, not in a thread: a thread blocked in read(2) on a terminal would
+    keep pyctr from exiting after the process ended until the next key press.
+    """
     src = sys.stdin.fileno()
+    fd = os.open(fifos.stdin, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
         while True:
-            data = await asyncio.to_thread(os.read, src, 65536)
+            try:
+                await _readable(src)
+                data = os.read(src, 65536)
+            except PermissionError:  # a regular file cannot be polled, and never blocks
+                data = await asyncio.to_thread(os.read, src, 65536)
             if not data:
                 break
             view = memoryview(data)
             while view:
-                n = await asyncio.to_thread(os.write, fd, view)
-                view = view[n:]
+                try:
+                    view = view[os.write(fd, view) :]
+                except BlockingIOError:
+                    await _writable(fd)
     finally:
-        # The process sees end-of-input only once every writer is gone: ours first, then the
-        # shim's own (which CloseIO drops).
+        # The process sees end-of-input once every writer is gone: ours, then the shim's (CloseIO).
         os.close(fd)
-    await on_eof()  # type: ignore[operator]
+    await on_eof()
 
 
 async def wait_output(fs: FifoSet, timeout: float = 10.0) -> None:

@@ -314,13 +314,21 @@ def serve_launcher(sockdir: str) -> None:
     _limit_malloc_arenas()
     gc.collect()
     gc.freeze()
-    listener.settimeout(float(os.environ.get("PYCTR_SHIM_LAUNCHER_IDLE", "600")))
+    idle_limit = float(os.environ.get("PYCTR_SHIM_LAUNCHER_IDLE", "600"))
+    # Wake now and then while idle: a launcher whose daemon's state directory is gone (the daemon
+    # was removed, a test cleaned up) has nobody left to serve and exits at once.
+    listener.settimeout(min(idle_limit, 2.0))
+    idle = 0.0
     try:
         while True:
             try:
                 conn, _ = listener.accept()
             except TimeoutError:
-                break
+                idle += listener.gettimeout() or 0.0
+                if idle >= idle_limit or not os.path.isdir(sockdir):
+                    break
+                continue
+            idle = 0.0
             with conn:
                 if not _handle(conn, sock, fingerprint):
                     break

@@ -32,6 +32,12 @@ from pyctr.ctr.client import Client
 from pyctr.ctr.commands.images import image_config
 
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
+CGROUP_MOUNT = {
+    "destination": "/sys/fs/cgroup",
+    "type": "cgroup",
+    "source": "cgroup",
+    "options": ["nosuid", "noexec", "nodev", "relatime", "ro"],
+}
 
 
 def register(sub: Any) -> None:
@@ -83,6 +89,9 @@ def build_spec(args: argparse.Namespace, namespace: str, config: dict[str, Any])
     if args.tty:
         proc["terminal"] = True
         proc["env"] = oci.merge_env(proc["env"], ["TERM=xterm"])
+    if not any(m["destination"] == "/sys/fs/cgroup" for m in spec["mounts"]):
+        # containerd's default spec mounts the container's cgroups read-only; oci.DEFAULT_MOUNTS lacks it
+        spec["mounts"].append(CGROUP_MOUNT)
     for m in args.mount:
         spec["mounts"].append(parse_mount(m))
     if args.net_host:
@@ -151,43 +160,85 @@ async def run(args: argparse.Namespace, client: Client) -> int:
     mounts = (
         await client.snapshots.mounts(spb.MountsRequest(snapshotter=args.snapshotter, key=args.id))
     ).mounts
-    fifos = None if args.detach else stdio.create(args.id, args.interactive, args.tty)
+    # A detached task gets FIFOs too, as ctr's: they stay (the shim holds a read end) so that
+    # `pyctr tasks attach` can reopen them; deleting the task removes them.
+    fifos = stdio.create(args.id, args.interactive, args.tty)
     try:
         request = tpb.CreateTaskRequest(container_id=args.id, rootfs=list(mounts), terminal=args.tty)
-        if fifos is not None:
-            request.stdin, request.stdout, request.stderr = fifos.stdin, fifos.stdout, fifos.stderr
+        request.stdin, request.stdout, request.stderr = fifos.stdin, fifos.stdout, fifos.stderr
+        if not args.detach:
             stdio.start_output(fifos)
         await client.tasks.create(request)
     except BaseException:
-        if fifos is not None:
-            stdio.close(fifos)
+        stdio.close(fifos)
         await remove_container(args, client)
         raise
     if args.detach:
         await client.tasks.start(tpb.StartRequest(container_id=args.id))
         return 0
-    assert fifos is not None
     return await attach(args, client, fifos)
+
+
+def ignores_sigint(pid: int) -> bool:
+    """True when the kernel drops a SIGINT sent to this process: a pid namespace's init without a
+    handler for it (``sleep`` as a container's process). False when we cannot tell."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+    except OSError:
+        return False
+    nspid = fields.get("NSpid", "").split()
+    caught = int(fields.get("SigCgt", "0").strip() or "0", 16)
+    return len(nspid) > 1 and nspid[-1] == "1" and not caught & (1 << (signal.SIGINT - 1))
+
+
+class Interrupter:
+    """Ctrl-C for a followed process: SIGINT is forwarded; a container init that would ignore it
+    is killed instead, and the command then exits 130 as an interrupted shell command does."""
+
+    def __init__(self, client: Client, cid: str, exec_id: str = "") -> None:
+        self.client, self.cid, self.exec_id = client, cid, exec_id
+        self.pid = 0
+        self.killed = False
+        self._pending: set[asyncio.Future[None]] = set()
+
+    def __call__(self) -> None:
+        fut = asyncio.ensure_future(self._interrupt())
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+
+    async def _interrupt(self) -> None:
+        req = tpb.KillRequest(container_id=self.cid, exec_id=self.exec_id, signal=signal.SIGINT)
+        with contextlib.suppress(Exception):
+            await self.client.tasks.kill(req)
+            if self.pid and ignores_sigint(self.pid):
+                self.killed = True
+                req = tpb.KillRequest(
+                    container_id=self.cid, exec_id=self.exec_id, signal=signal.SIGKILL, all=not self.exec_id
+                )
+                await self.client.tasks.kill(req)
+
+    def exit_code(self, status: int) -> int:
+        return 128 + signal.SIGINT if self.killed and status == 128 + signal.SIGKILL else status
 
 
 async def attach(args: argparse.Namespace, client: Client, fifos: stdio.FifoSet) -> int:
     loop = asyncio.get_running_loop()
     waiter = asyncio.ensure_future(client.tasks.wait(tpb.WaitRequest(container_id=args.id)))
     saved_tty = None
+    interrupter = Interrupter(client, args.id)
+    feeder: asyncio.Future[None] | None = None
     try:
-        await client.tasks.start(tpb.StartRequest(container_id=args.id))
+        interrupter.pid = (await client.tasks.start(tpb.StartRequest(container_id=args.id))).pid
         if args.tty and os.isatty(0):
-            saved_tty = termios.tcgetattr(0)
-            tty.setraw(0)
             await resize(client, args.id)
             loop.add_signal_handler(signal.SIGWINCH, lambda: asyncio.ensure_future(resize(client, args.id)))
-        elif not args.tty:
-            loop.add_signal_handler(
-                signal.SIGINT,
-                lambda: asyncio.ensure_future(
-                    client.tasks.kill(tpb.KillRequest(container_id=args.id, signal=2))
-                ),
-            )
+        if args.tty and fifos.stdin and os.isatty(0):
+            # Raw only when our keys reach the process (-i): then Ctrl-C is a byte for its terminal.
+            saved_tty = termios.tcgetattr(0)
+            tty.setraw(0, termios.TCSADRAIN)  # TCSAFLUSH (the default) would drop typed-ahead input
+        else:
+            loop.add_signal_handler(signal.SIGINT, interrupter)
         if fifos.stdin:
 
             async def close_stdin() -> None:
@@ -195,10 +246,10 @@ async def attach(args: argparse.Namespace, client: Client, fifos: stdio.FifoSet)
 
             feeder = asyncio.ensure_future(stdio.copy_stdin(fifos, close_stdin))
         status = await waiter
-        if fifos.stdin and not feeder.done():
+        if feeder is not None and not feeder.done():
             feeder.cancel()
         await stdio.wait_output(fifos)
-        return int(status.exit_status)
+        return interrupter.exit_code(int(status.exit_status))
     finally:
         if saved_tty is not None:
             termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
