@@ -30,7 +30,6 @@ Messages (proto3, package ``ttrpc``), encoded here by hand to keep generated cod
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import socket
@@ -38,6 +37,8 @@ import struct
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import cast
+
+from pyctr.api.errdefs import Code
 
 log = logging.getLogger(__name__)
 
@@ -63,28 +64,6 @@ _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 # not ttrpc (or has lost framing), so connections close instead of discarding up to 4 GiB.
 _RESERVED_LENGTH = 1 << 24
 _MAX_STREAM_ID = 0xFFFFFFFF
-
-
-class Code(enum.IntEnum):
-    """gRPC status codes, which ttrpc reuses unchanged."""
-
-    OK = 0
-    CANCELLED = 1
-    UNKNOWN = 2
-    INVALID_ARGUMENT = 3
-    DEADLINE_EXCEEDED = 4
-    NOT_FOUND = 5
-    ALREADY_EXISTS = 6
-    PERMISSION_DENIED = 7
-    RESOURCE_EXHAUSTED = 8
-    FAILED_PRECONDITION = 9
-    ABORTED = 10
-    OUT_OF_RANGE = 11
-    UNIMPLEMENTED = 12
-    INTERNAL = 13
-    UNAVAILABLE = 14
-    DATA_LOSS = 15
-    UNAUTHENTICATED = 16
 
 
 class ProtocolError(ValueError):
