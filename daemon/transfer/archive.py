@@ -30,13 +30,11 @@ name) or the docker ``RepoTags``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
 import hashlib
 import json
 import os
 import tarfile
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +49,7 @@ from pyctr.daemon.metadata import images as imagestore
 from pyctr.daemon.metadata import leases as leasestore
 from pyctr.daemon.metadata.db import DB
 from pyctr.daemon.snapshots.store import SnapshotStore
+from pyctr.daemon.transfer import unpack
 from pyctr.daemon.transfer.streams import SideStream
 
 MAX_READ = 32 * 1024
@@ -393,17 +392,6 @@ class _Blob:
     gzipped: bool
 
 
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    out: list[str] = []
-    for d in diff_ids:
-        out.append(d if not out else "sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
-
-
-def _new_id(prefix: str) -> str:
-    return f"{prefix}-{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
-
-
 class Importer:
     def __init__(
         self,
@@ -425,7 +413,7 @@ class Importer:
         for _, sn in opts.unpacks:
             if sn not in self.snapshotters:
                 raise errdefs.InvalidArgument(f"snapshotter not loaded: {sn}")
-        lease = _new_id("import")
+        lease = unpack.random_id("import")
         expiry = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=24)).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
@@ -596,8 +584,7 @@ class Importer:
         return json.loads(b"".join(chunks))
 
     async def _label(self, ns: str, dgst: str, labels: dict[str, str]) -> None:
-        if labels:
-            await self.content.update(ns, dgst, labels, [f"labels.{k}" for k in labels])
+        await unpack.label(self.content, ns, dgst, labels)
 
     async def _label_tree(self, ns: str, desc: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Give the index/manifests the gc.ref labels a pull gives them; return the manifests here."""
@@ -636,57 +623,20 @@ class Importer:
                 f"mismatched image rootfs and manifest layers: {len(diff_ids)} diff IDs, {len(layers)} layers"
             )
         store = self.snapshotters[snapshotter]
-        chains = chain_ids(diff_ids)
+        chains = unpack.chain_ids(diff_ids)
         for i, layer in enumerate(layers):
-            try:
-                await store.stat(ns, chains[i])
-                continue  # already unpacked
-            except errdefs.NotFound:
-                pass
-            key = f"{_new_id('extract')} {chains[i]}"
-            progress("extracting", layer["digest"], 0, int(layer["size"]))
-            mounts = await store.prepare(ns, key, chains[i - 1] if i else "", {}, lease)
-            try:
-                applied = await self.differ.apply(
-                    ns, DiffDescriptor(layer["mediaType"], layer["digest"], int(layer["size"]), {}), mounts
-                )
-                if applied.digest != diff_ids[i]:
-                    raise errdefs.FailedPrecondition(
-                        f"wrong diff id calculated on extraction {applied.digest}, expected {diff_ids[i]}"
-                    )
-                try:
-                    await store.commit(ns, chains[i], key, {}, lease)
-                except errdefs.AlreadyExists:
-                    pass  # unpacked concurrently: theirs is as good as ours
-            finally:
-                try:
-                    await store.remove(ns, key)
-                except errdefs.NotFound:
-                    pass
-            await self._label(ns, layer["digest"], {"containerd.io/uncompressed": diff_ids[i]})
-            progress("extracted", layer["digest"], int(layer["size"]), int(layer["size"]))
+            desc = DiffDescriptor(layer["mediaType"], layer["digest"], int(layer["size"]), {})
+            progress("extracting", layer["digest"], 0, desc.size)
+            parent = chains[i - 1] if i else ""
+            if await unpack.apply_layer(
+                ns, lease, store, self.differ, self.content, desc, diff_ids[i], chains[i], parent
+            ):
+                progress("extracted", layer["digest"], desc.size, desc.size)
         if chains:
             await self._label(ns, config_digest, {f"containerd.io/gc.ref.snapshot.{snapshotter}": chains[-1]})
 
     async def _store_image(
         self, ns: str, name: str, desc: dict[str, Any], labels: dict[str, str]
     ) -> imagestore.Image:
-        from pyctr.api._pb.containerd.services.images.v1 import ImageCreate, ImageUpdate
-
-        img = imagestore.Image(
-            name=name,
-            target=imagestore.Descriptor(desc["mediaType"], desc["digest"], int(desc["size"]), {}),
-            labels=dict(labels),
-        )
-
-        def tx(c: Any) -> tuple[imagestore.Image, bool]:
-            try:
-                return imagestore.create(c, ns, img), True
-            except errdefs.AlreadyExists:
-                return imagestore.update(c, ns, img, []), False
-
-        stored, created = await self.db.update(tx)
-        event = ImageCreate if created else ImageUpdate
-        topic = "/images/create" if created else "/images/update"
-        self.exchange.publish(ns, topic, event(name=stored.name, labels=stored.labels))
-        return stored
+        target = imagestore.Descriptor(desc["mediaType"], desc["digest"], int(desc["size"]), {})
+        return await unpack.store_image(self.db, self.exchange, ns, name, target, labels)

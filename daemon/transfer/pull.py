@@ -16,11 +16,8 @@ Concurrent pulls of the same blob in a namespace share one download.
 from __future__ import annotations
 
 import asyncio
-import base64
 import datetime
-import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +26,6 @@ from typing import Any
 import structlog
 
 from pyctr.api import errdefs, platforms
-from pyctr.api.mount import Mount
 from pyctr.daemon.content.store import ContentStore
 from pyctr.daemon.diff.differ import Descriptor as DiffDescriptor
 from pyctr.daemon.diff.differ import Differ
@@ -40,6 +36,7 @@ from pyctr.daemon.metadata.db import DB
 from pyctr.daemon.remotes import reference as refmod
 from pyctr.daemon.remotes.registry import Descriptor, RegistryClient
 from pyctr.daemon.snapshots.store import SnapshotStore
+from pyctr.daemon.transfer import unpack
 
 log = structlog.get_logger("pyctrd.pull")
 
@@ -76,16 +73,6 @@ class PullOptions:
     name: str = ""  # store the image under this name instead of the reference
 
 
-def chain_ids(diff_ids: list[str]) -> list[str]:
-    out: list[str] = []
-    for d in diff_ids:
-        if not out:
-            out.append(d)
-        else:
-            out.append("sha256:" + hashlib.sha256(f"{out[-1]} {d}".encode()).hexdigest())
-    return out
-
-
 def _platform_of(desc: Descriptor) -> platforms.Platform | None:
     p = desc.platform
     if not p:
@@ -118,7 +105,7 @@ class Puller:
         ref = refmod.parse(ref_text)
         if opts.unpack and opts.snapshotter not in self.snapshotters:
             raise errdefs.InvalidArgument(f"snapshotter not loaded: {opts.snapshotter}")
-        lease = f"pull-{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()}"
+        lease = unpack.random_id("pull")
         expiry = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=24)).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
@@ -345,7 +332,7 @@ class Puller:
 
         downloads = [asyncio.ensure_future(download(layer)) for layer in layers]
         store = self.snapshotters[opts.snapshotter]
-        chains = chain_ids(diff_ids)
+        chains = unpack.chain_ids(diff_ids)
         try:
             for i, layer in enumerate(layers):
                 await downloads[i]
@@ -371,60 +358,20 @@ class Puller:
         parent: str,
         report: ProgressFunc,
     ) -> None:
-        try:
-            await store.stat(ns, chain)
-            return  # already unpacked
-        except errdefs.NotFound:
-            pass
-        key = f"extract-{time.time_ns()}-{base64.urlsafe_b64encode(os.urandom(3)).decode()} {chain}"
+        desc = DiffDescriptor(layer.media_type, layer.digest, layer.size, {})
         report(Progress("extracting", layer.digest, (), 0, layer.size))
-        mounts: list[Mount] = await store.prepare(ns, key, parent, {}, lease)
-        try:
-            applied = await self.differ.apply(
-                ns, DiffDescriptor(layer.media_type, layer.digest, layer.size, {}), mounts
-            )
-            if applied.digest != diff_id:
-                raise errdefs.FailedPrecondition(
-                    f"wrong diff id calculated on extraction {applied.digest}, expected {diff_id}"
-                )
-            try:
-                await store.commit(ns, chain, key, {}, lease)
-            except errdefs.AlreadyExists:
-                pass  # unpacked concurrently by someone else: theirs is as good as ours
-        finally:
-            try:
-                await store.remove(ns, key)
-            except errdefs.NotFound:
-                pass
-        label = {"containerd.io/uncompressed": diff_id}
-        await self.content.update(ns, layer.digest, label, [f"labels.{k}" for k in label])
-        report(Progress("extracted", layer.digest, (), layer.size, layer.size))
+        if await unpack.apply_layer(
+            ns, lease, store, self.differ, self.content, desc, diff_id, chain, parent
+        ):
+            report(Progress("extracted", layer.digest, (), layer.size, layer.size))
 
     # -- the image record ------------------------------------------------------------------------
 
     async def _store_image(
         self, ns: str, name: str, top: Descriptor, labels: dict[str, str]
     ) -> imagestore.Image:
-        from pyctr.api._pb.containerd.services.images.v1 import ImageCreate, ImageUpdate
-
-        img = imagestore.Image(
-            name=name,
-            target=imagestore.Descriptor(top.media_type, top.digest, top.size, dict(top.annotations)),
-            labels=dict(labels),
-        )
-
-        def tx(c: Any) -> tuple[imagestore.Image, bool]:
-            try:
-                return imagestore.create(c, ns, img), True
-            except errdefs.AlreadyExists:
-                return imagestore.update(c, ns, img, []), False
-
-        stored, created = await self.db.update(tx)
-        if created:
-            self.exchange.publish(ns, "/images/create", ImageCreate(name=stored.name, labels=stored.labels))
-        else:
-            self.exchange.publish(ns, "/images/update", ImageUpdate(name=stored.name, labels=stored.labels))
-        return stored
+        target = imagestore.Descriptor(top.media_type, top.digest, top.size, dict(top.annotations))
+        return await unpack.store_image(self.db, self.exchange, ns, name, target, labels)
 
 
 def _descriptor(d: dict[str, Any]) -> Descriptor:
