@@ -11,7 +11,7 @@ ROOT ?= /var/lib/pyctrd
 STATE ?= /run/pyctrd
 ADDRESS ?= $(STATE)/pyctrd.sock
 
-.PHONY: setup run test lint typecheck layers unit proto proto-check bench bench-quick clean
+.PHONY: setup apt run test lint typecheck layers unit proto bench-deps bench bench-quick clean
 
 setup: $(STAMP) apt
 
@@ -51,10 +51,13 @@ test: setup lint typecheck layers
 proto: setup
 	$(BIN)/python -m pyctr.api.protogen api/_pb
 
-bench: setup
+bench-deps: setup
+	$(BIN)/pip install -q -e '.[dev,bench]'
+
+bench: bench-deps
 	$(BIN)/python -m bench run
 
-bench-quick: setup
+bench-quick: bench-deps
 	$(BIN)/python -m bench run --quick
 
 clean:
