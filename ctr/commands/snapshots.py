@@ -160,17 +160,19 @@ def mount_commands(target: str, mounts: list[Mount]) -> list[str]:
     return [f"mount -t {m.type} {m.source} {target} -o {','.join(m.options)}" for m in mounts]
 
 
+def show_mounts(args: argparse.Namespace, mounts: list[Mount]) -> None:
+    """What prepare and view print: mount commands for ``--target``, or the mounts as JSON."""
+    if args.target:
+        print("\n".join(mount_commands(args.target, mounts)))
+    elif args.mounts:
+        output.print_json([{"type": m.type, "source": m.source, "options": list(m.options)} for m in mounts])
+
+
 async def prepare(args: argparse.Namespace, client: Client) -> int:
     req = pb.PrepareSnapshotRequest(
         snapshotter=args.snapshotter, key=args.key, parent=args.parent, labels=output.parse_labels(args.label)
     )
-    resp = await client.snapshots.prepare(req)
-    if args.target:
-        print("\n".join(mount_commands(args.target, resp.mounts)))
-    elif args.mounts:
-        output.print_json(
-            [{"type": m.type, "source": m.source, "options": list(m.options)} for m in resp.mounts]
-        )
+    show_mounts(args, (await client.snapshots.prepare(req)).mounts)
     return 0
 
 
@@ -178,13 +180,7 @@ async def view(args: argparse.Namespace, client: Client) -> int:
     req = pb.ViewSnapshotRequest(
         snapshotter=args.snapshotter, key=args.key, parent=args.parent, labels=output.parse_labels(args.label)
     )
-    resp = await client.snapshots.view(req)
-    if args.target:
-        print("\n".join(mount_commands(args.target, resp.mounts)))
-    elif args.mounts:
-        output.print_json(
-            [{"type": m.type, "source": m.source, "options": list(m.options)} for m in resp.mounts]
-        )
+    show_mounts(args, (await client.snapshots.view(req)).mounts)
     return 0
 
 
