@@ -45,6 +45,11 @@ class Daemon:
             ttrpc_sock.close()
             raise StartError(str(exc)) from None
 
+        # The start-up collection runs before the socket serves: it clears what a crash left
+        # without racing the first client's (still unreferenced) writes.
+        for gc in self.registry.instances(plugin.GC):
+            await gc.collect_at_startup()
+
         services: list[Any] = []
         for instance in self.registry.instances(plugin.GRPC):
             services.extend(instance if isinstance(instance, list | tuple) else [instance])

@@ -2,7 +2,9 @@
 
 Mirrors containerd's ``io.containerd.gc.v1.scheduler``: a deletion schedules a collection after
 ``schedule_delay``; many deletions in that window share one run; mutations count towards
-``mutation_threshold``; ``startup_delay`` after start-up one run clears what a crash left.
+``mutation_threshold``. One collection clears what a crash left: pyctrd runs it while starting,
+after every plugin is loaded and before the socket accepts calls (:meth:`collect_at_startup`), so
+it never races a client's first writes; ``startup_delay`` only applies when nobody did.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self.last: Stats | None = None
         self.runs = 0
+        self._started = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop())
@@ -93,9 +96,15 @@ class Scheduler:
             if not w.done():
                 w.set_result(stats)
 
+    async def collect_at_startup(self) -> None:
+        """The first collection, run before the daemon serves; the loop then skips its own."""
+        await self._run_once()
+        self._started = True
+
     async def _loop(self) -> None:
         await asyncio.sleep(self.startup_delay)
-        await self._run_once()
+        if not self._started:
+            await self._run_once()
         while True:
             await self._wake.wait()
             self._wake.clear()
