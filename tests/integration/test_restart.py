@@ -382,6 +382,23 @@ def test_a_failed_shim_cleanup_never_deletes_through_the_rootfs(env_failing_dele
     env = env_failing_delete
     cid = "precious"
     env.ok("run", "-d", "--snapshotter", "native", IMAGE, cid, "sleep", "1000")
+    pid = env.tasks()[cid][0]
+    try:
+        _failed_cleanup_keeps_files(env, cid)
+    finally:
+        # The failing `shim delete` never ran `runc delete --force`: the container's process and
+        # runc's record of it are still there, and only this test knows to end them.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        for root in (
+            os.path.join(RUNC_ROOT, env.ns),
+            os.path.join(os.path.dirname(env.d.address), "runc", env.ns),
+        ):
+            if os.path.isdir(root):
+                subprocess.run(["runc", "--root", root, "delete", "--force", cid], capture_output=True)
+
+
+def _failed_cleanup_keeps_files(env: Env, cid: str) -> None:
     printed = env.ok("snapshots", "--snapshotter", "native", "mounts", "/unused", cid).split()
     snapshot = printed[printed.index("-t") + 2]  # mount -t bind <source> <target> -o …
     files = sorted(os.listdir(snapshot))
