@@ -117,9 +117,14 @@ class Puller:
             report(Progress(f"Pulling from {ref}", str(ref)))
             source = {f"containerd.io/distribution.source.{ref.domain.split(':')[0]}": ref.path}
             manifests = await self._fetch_tree(ns, lease, client, ref, top, opts, source, report)
-            if opts.unpack:
-                for manifest_desc, manifest in manifests:
+            for manifest_desc, manifest in manifests:
+                # As containerd: every chosen manifest's layers are fetched, but only those for
+                # the requested platforms are unpacked (--all-platforms fetches, not unpacks, all).
+                plat = _platform_of(manifest_desc)
+                if opts.unpack and (plat is None or any(platforms.matches(plat, w) for w in opts.platforms)):
                     await self._unpack(ns, lease, client, ref, manifest_desc, manifest, opts, source, report)
+                else:
+                    await self._fetch_layers(ns, lease, client, ref, manifest_desc, manifest, source, report)
             image = await self._store_image(ns, opts.name or str(ref), top, opts.labels)
             report(Progress("saved", image.name))
             report(Progress(f"Completed pull from {ref}", str(ref)))
@@ -299,6 +304,34 @@ class Puller:
         await self._store_bytes(ns, lease, "config", config, config_data, dict(source))
         await self._store_bytes(ns, lease, "manifest", desc, data, labels)
         return desc, manifest
+
+    async def _fetch_layers(
+        self,
+        ns: str,
+        lease: str,
+        client: RegistryClient,
+        ref: refmod.Reference,
+        manifest_desc: Descriptor,
+        manifest: dict[str, Any],
+        source: dict[str, str],
+        report: ProgressFunc,
+    ) -> None:
+        """Download a manifest's layers without unpacking them (bounded, like _unpack)."""
+        sem = asyncio.Semaphore(MAX_DOWNLOADS)
+        parents = (manifest_desc.digest,)
+
+        async def download(layer: Descriptor) -> None:
+            async with sem:
+                await self._download(ns, lease, client, ref, layer, dict(source), report, parents)
+
+        downloads = [asyncio.ensure_future(download(_descriptor(m))) for m in manifest.get("layers", [])]
+        try:
+            for d in downloads:
+                await d  # the first failure ends the pull, and the finally stops the rest
+        finally:
+            for d in downloads:
+                d.cancel()
+            await asyncio.gather(*downloads, return_exceptions=True)
 
     # -- unpacking -----------------------------------------------------------------------------
 
