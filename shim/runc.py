@@ -106,16 +106,29 @@ class Runc:
         since = self._log_size()
         output = bytearray()
         if stdio is not None:
-            _, fut = self._reaper.spawn(argv, env=runc_env(), stdio=stdio)
-            exit = await fut
+            exit = await self._spawn(args[0], argv, stdio)
         else:
-            exit = await self._run_captured(loop, argv, stdin, output)
+            exit = await self._run_captured(loop, args[0], argv, stdin, output)
         if exit.status != 0:
             raise RuncError(args[0], exit.status, output.decode(errors="replace"), self.logged_error(since))
         return bytes(output)
 
+    def _spawn(self, command: str, argv: list[str], stdio: tuple[int, int, int]) -> asyncio.Future[Exit]:
+        try:
+            _, fut = self._reaper.spawn(argv, env=runc_env(), stdio=stdio)
+        except OSError as exc:
+            # runc never ran (missing, not executable): a runc failure to callers, so Create reports
+            # "OCI runtime create failed" and a failed exec still answers Wait; worded as Go's.
+            raise RuncError(command, 127, f"fork/exec {argv[0]}: {exc.strerror}", "") from exc
+        return fut
+
     async def _run_captured(
-        self, loop: asyncio.AbstractEventLoop, argv: list[str], stdin: bytes | None, output: bytearray
+        self,
+        loop: asyncio.AbstractEventLoop,
+        command: str,
+        argv: list[str],
+        stdin: bytes | None,
+        output: bytearray,
     ) -> Exit:
         r, w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(r, False)
@@ -127,7 +140,7 @@ class Runc:
         else:
             in_fd = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            _, fut = self._reaper.spawn(argv, env=runc_env(), stdio=(in_fd, w, w))
+            fut = self._spawn(command, argv, (in_fd, w, w))
         except BaseException:
             os.close(r)
             raise
