@@ -36,6 +36,9 @@ from urllib.parse import urlparse
 
 from pyctr.api.errdefs import InvalidArgument, NotImplementedErr
 
+# How long output may wait in a client's FIFO for the client to read it, once the process is done.
+DRAIN_TIMEOUT = 1.5
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
@@ -118,6 +121,27 @@ class _Sink:
                 raise
         else:
             self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+
+    async def drained(self, timeout: float) -> None:
+        """Wait (bounded) until the client has read what is still in the FIFO.
+
+        Our own reader keeps the FIFO open; closing it while the client has not opened its end
+        yet would throw away the output still in the pipe. The Go shim avoids that by waiting for
+        the client's reader in Start; here the wait happens at the end, and only while unread
+        bytes remain.
+        """
+        if self.reader < 0:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline:
+            try:
+                pending = struct.unpack("i", fcntl.ioctl(self.reader, termios.FIONREAD, b"\0\0\0\0"))[0]
+            except OSError:
+                return
+            if pending == 0:
+                return
+            await asyncio.sleep(0.01)
 
     def release(self) -> None:
         self.users -= 1
@@ -265,7 +289,11 @@ class ProcessIO:
             log.warning("stdio: reading process output failed: %s", exc)
         finally:
             if sink is not None:
-                sink.release()
+                try:
+                    if writing:
+                        await sink.drained(DRAIN_TIMEOUT)
+                finally:
+                    sink.release()
 
     async def _copy_in(self, src: int, dst: int, *, close: bool = True) -> None:
         try:
