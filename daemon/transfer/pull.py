@@ -139,8 +139,7 @@ class Puller:
     # -- blobs ---------------------------------------------------------------------------------
 
     async def _ensure_labels(self, ns: str, dgst: str, labels: dict[str, str]) -> None:
-        if labels:
-            await self.content.update(ns, dgst, labels, [f"labels.{k}" for k in labels])
+        await unpack.label(self.content, ns, dgst, labels)
 
     async def _store_bytes(
         self, ns: str, lease: str, kind: str, desc: Descriptor, data: bytes, labels: dict[str, str]
@@ -378,7 +377,7 @@ class Puller:
             await asyncio.gather(*downloads, return_exceptions=True)
         if chains:
             label = {f"containerd.io/gc.ref.snapshot.{opts.snapshotter}": chains[-1]}
-            await self.content.update(ns, config_desc.digest, label, [f"labels.{k}" for k in label])
+            await self._ensure_labels(ns, config_desc.digest, label)
 
     async def _apply(
         self,
