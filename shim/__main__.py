@@ -9,11 +9,9 @@ argument, the action. ``start`` and ``delete`` run once per container create/del
 imports nothing heavy: the task service is imported only by the serving process (or already lives in
 the warm launcher that forks it, see launcher.py).
 
-``start``: listens on the shim socket (or finds the live shim of the same group), writes ``address``
-and ``shim.pid`` into the bundle, gets a serving process with the listener as fd 3 (forked by the
-launcher, else a fresh interpreter), applies ``shim_cgroup`` from the options on stdin and an OOM score
-one above the daemon's, prints the address. containerd reads stdout+stderr to EOF, so nothing else may
-be printed and the server must not inherit either.
+``start``: see :mod:`pyctr.shim.start` (the daemon runs the same code in-process for its own shim);
+it prints the address. containerd reads stdout+stderr to EOF, so nothing else may be printed and the
+server must not inherit either.
 
 ``delete``: cleanup after a dead shim; ``runc delete --force``, unmount the rootfs, print a binary
 ``DeleteResponse{pid, exit_status=137, exited_at=now}``. Idempotent, and fast (the daemon kills it
@@ -22,9 +20,6 @@ after 5 s).
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import json
 import os
 import subprocess
 import sys
@@ -37,11 +32,7 @@ from pyctr.shim.bundle import INIT_PID_FILE, find_binary, read_options, read_pid
 from pyctr.shim.mount import unmount_all
 
 NAME = "containerd-shim-pyrunc-v2"
-# config.json annotations that put several containers in one shim (a pod), as in the runc shim.
-GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")
-_OPTIONS_URL = "containerd.runc.v1.Options"
 _SIGKILL_STATUS = 128 + 9
-SHIM_PID_FILE = "shim.pid"
 
 
 class UsageError(Exception):
@@ -128,139 +119,27 @@ def _version() -> str:
         return ""
 
 
-def _group(bundle: str, id: str) -> str:
-    try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            annotations = json.load(f).get("annotations") or {}
-    except (OSError, ValueError):
-        return id
-    for label in GROUP_LABELS:
-        if annotations.get(label):
-            return str(annotations[label])
-    return id
-
-
-def _read_shim_cgroup() -> str:
-    """Options.shim_cgroup from the binary Any containerd writes on stdin ("" when none)."""
+def _read_options() -> bytes:
+    """The runtime options (a binary Any) containerd writes on stdin; b"" when none."""
     if sys.stdin is None or sys.stdin.isatty():
-        return ""
-    data = sys.stdin.buffer.read()
-    if not data:
-        return ""
-    url, value = "", b""
-    for number, raw in pw.fields(data):
-        if number == 1 and isinstance(raw, bytes):
-            url = raw.decode()
-        elif number == 2 and isinstance(raw, bytes):
-            value = raw
-    if url.removeprefix("type.googleapis.com/") != _OPTIONS_URL:
-        return ""
-    for number, raw in pw.fields(value):
-        if number == 3 and isinstance(raw, bytes):
-            return raw.decode()
-    return ""
-
-
-def _join_cgroup(pid: int, cgroup: str) -> None:
-    root = "/sys/fs/cgroup"
-    if os.path.exists(os.path.join(root, "cgroup.controllers")):
-        targets = [os.path.join(root, cgroup.lstrip("/"))]
-    else:
-        targets = [
-            os.path.join(root, entry, cgroup.lstrip("/"))
-            for entry in sorted(os.listdir(root))
-            if os.path.isdir(os.path.join(root, entry, cgroup.lstrip("/")))
-        ]
-        if not targets:
-            raise OSError(errno.ENOENT, f"cgroup {cgroup} does not exist")
-    for target in targets:
-        with open(os.path.join(target, "cgroup.procs"), "w") as f:
-            f.write(str(pid))
-
-
-def _adjust_oom_score(pid: int) -> None:
-    """The shim dies before the daemon under memory pressure: the daemon's score + 1, as containerd."""
-    with open("/proc/self/oom_score_adj") as f:
-        score = int(f.read().strip())
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
-            f.write(str(min(score + 1, 1000)))
-
-
-def _write_pid(path: str, pid: int) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(str(pid))
-    os.rename(tmp, path)
-
-
-def _server_argv(flags: Flags) -> list[str]:
-    argv = ["-namespace", flags.namespace, "-id", flags.id, "-address", flags.address]
-    if flags.debug:
-        argv.append("-debug")
-    return argv
-
-
-def _exec_server(argv: list[str], listener_fd: int) -> int:
-    """Fallback: a fresh interpreter (~20 MiB private memory instead of ~6.6 for a forked one)."""
-    from pyctr.shim.launcher import spawn_detached
-
-    # The working directory (the bundle) is inherited.
-    return spawn_detached([sys.executable, "-m", "pyctr.shim", *argv], listener_fd)
+        return b""
+    return sys.stdin.buffer.read()
 
 
 def start(flags: Flags) -> int:
-    # Here, not at the top: hashlib loads OpenSSL, which `delete` (run after every task delete) skips.
-    from pyctr.shim import address as shim_address
+    from pyctr.shim import start as shim_start
 
     if not flags.id:
         raise UsageError("shim id cannot be empty")
-    bundle = os.getcwd()
-    ttrpc_address = os.environ.get("TTRPC_ADDRESS", "")
-    addr = shim_address.socket_address(
-        flags.address, ttrpc_address, flags.namespace, _group(bundle, flags.id)
+    addr = shim_start.start(
+        namespace=flags.namespace,
+        id=flags.id,
+        address=flags.address,
+        bundle=os.getcwd(),
+        env=os.environ,
+        options=_read_options(),
+        debug=flags.debug,
     )
-    address_file = os.path.join(bundle, "address")
-    try:
-        sock = shim_address.new_socket(addr)
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise
-        if shim_address.can_connect(addr):
-            # The group's shim is alive: it serves this container too.
-            shim_address.write_address(address_file, addr)
-            sys.stdout.write(addr)
-            return 0
-        shim_address.remove_socket(addr)
-        sock = shim_address.new_socket(addr)
-    pid = 0
-    try:
-        shim_address.write_address(address_file, addr)
-        argv = _server_argv(flags)
-        if os.environ.get("PYCTR_SHIM_LAUNCHER", "1") != "0":
-            from pyctr.shim import launcher
-
-            try:
-                # One launcher per socket directory, i.e. per daemon.
-                sockdir = os.path.dirname(shim_address.socket_path(addr))
-                pid = launcher.launch(sockdir, argv, bundle, sock.fileno())
-            except launcher.Unavailable:
-                pid = 0  # fall back to a fresh interpreter below
-        if not pid:
-            pid = _exec_server(argv, sock.fileno())
-        _write_pid(os.path.join(bundle, SHIM_PID_FILE), pid)
-        shim_cgroup = _read_shim_cgroup()
-        if shim_cgroup:
-            _join_cgroup(pid, shim_cgroup)
-        _adjust_oom_score(pid)
-    except BaseException:
-        sock.close()
-        shim_address.remove_socket(addr)
-        if pid:
-            with contextlib.suppress(OSError):
-                os.kill(pid, 9)
-        raise
-    sock.close()
     sys.stdout.write(addr)
     return 0
 

@@ -37,6 +37,8 @@ import os
 import socket
 import struct
 import sys
+import threading
+from collections.abc import Mapping
 from typing import Any
 
 SOCKET_NAME = "pyrunc-launcher.sock"
@@ -64,7 +66,7 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
-def spawn_detached(argv: list[str], fd3: int) -> int:
+def spawn_detached(argv: list[str], fd3: int, env: Mapping[str, str] | None = None) -> int:
     """Starts ``argv`` in its own session with ``fd3`` as its fd 3 and /dev/null as stdio.
 
     posix_spawn remaps fds in the child only: ``start`` keeps its own fds (its fd 3 is usually the
@@ -72,10 +74,12 @@ def spawn_detached(argv: list[str], fd3: int) -> int:
     """
     actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     actions.append((os.POSIX_SPAWN_DUP2, fd3, 3))
-    return os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setsid=True)
+    return os.posix_spawn(
+        sys.executable, argv, os.environ if env is None else env, file_actions=actions, setsid=True
+    )
 
 
-def _spawn_launcher(sockdir: str, path: str) -> None:
+def _spawn_launcher(sockdir: str, path: str, env: Mapping[str, str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -83,15 +87,23 @@ def _spawn_launcher(sockdir: str, path: str) -> None:
         listener.bind(path)
         os.chmod(path, 0o600)
         listener.listen(64)
-        pid = spawn_detached([sys.executable, "-m", "pyctr.shim.launcher", sockdir], listener.fileno())
+        pid = spawn_detached([sys.executable, "-m", "pyctr.shim.launcher", sockdir], listener.fileno(), env)
     finally:
         listener.close()
+    # The launcher is our child until we exit: reap it if it leaves first (a `start` process is gone
+    # long before; the daemon, starting its shims in-process, lives on).
+    threading.Thread(target=_reap, args=(pid,), name="launcher-reaper", daemon=True).start()
     with contextlib.suppress(OSError):
         with open(f"/proc/{pid}/oom_score_adj", "w") as f, open("/proc/self/oom_score_adj") as own:
             f.write(str(min(int(own.read().strip()) + 1, 1000)))
 
 
-def _connect_or_spawn(sockdir: str, timeout: float) -> socket.socket:
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def _connect_or_spawn(sockdir: str, timeout: float, env: Mapping[str, str]) -> socket.socket:
     path = os.path.join(sockdir, SOCKET_NAME)
     try:
         return _connect(path, timeout)
@@ -103,16 +115,26 @@ def _connect_or_spawn(sockdir: str, timeout: float) -> socket.socket:
         try:
             return _connect(path, timeout)  # another start spawned it while we waited for the lock
         except (FileNotFoundError, ConnectionRefusedError):
-            _spawn_launcher(sockdir, path)
+            _spawn_launcher(sockdir, path, env)
         return _connect(path, timeout)
 
 
-def launch(sockdir: str, argv: list[str], cwd: str, listener_fd: int, *, timeout: float = 20.0) -> int:
-    """Has the launcher of ``sockdir`` fork a shim serving ``listener_fd``; returns the shim's pid."""
-    request = json.dumps({"argv": argv, "cwd": cwd, "env": dict(os.environ)}).encode()
+def launch(
+    sockdir: str,
+    argv: list[str],
+    cwd: str,
+    listener_fd: int,
+    *,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 20.0,
+) -> int:
+    """Has the launcher of ``sockdir`` fork a shim serving ``listener_fd`` with ``env`` (default: ours)
+    in ``cwd``; returns the shim's pid."""
+    env = os.environ if env is None else env
+    request = json.dumps({"argv": argv, "cwd": cwd, "env": dict(env)}).encode()
     try:
         for _ in range(2):
-            with _connect_or_spawn(sockdir, timeout) as conn:
+            with _connect_or_spawn(sockdir, timeout, env) as conn:
                 socket.send_fds(conn, [request], [listener_fd])
                 reply = json.loads(conn.recv(65536) or b"{}")
             if reply.get("pid"):

@@ -5,12 +5,18 @@ Start (as containerd 1.6 does it): run ``<shim> -namespace <ns> -address <grpc a
 environment and the runtime options (a binary ``google.protobuf.Any``) on stdin. Its combined
 output is the address to dial: ``unix:///path`` (or, as 1.7 shims print it, a JSON object with
 ``address``). A path without ``unix://`` is an abstract socket.
+
+Our own shim, installed for the interpreter the daemon runs on, is started in-process instead: the
+daemon runs :func:`pyctr.shim.start.start` in a thread, which has the shim launcher fork the serving
+process exactly as the ``start`` action would. That saves a fresh interpreter (~60-90 ms of CPU) per
+container; any other shim, or ours when no launcher is available, is exec'd as above.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -25,6 +31,7 @@ from pyctr.api import errdefs, namespaces, ttrpc
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.daemon.runtime.bundle import Bundle
+from pyctr.shim import start as shim_start
 
 log = structlog.get_logger("pyctrd.runtime")
 
@@ -50,6 +57,25 @@ def dial_path(address: str) -> str:
     if address.startswith("unix://"):
         return address.removeprefix("unix://")
     return "\0" + address
+
+
+OWN_SHIM = "containerd-shim-pyrunc-v2"
+
+
+@functools.cache
+def same_interpreter(path: str) -> bool:
+    """Whether ``path`` is our shim's console script for the interpreter running this daemon."""
+    if os.path.basename(path) != OWN_SHIM or os.environ.get("PYCTR_SHIM_INPROCESS_START", "1") == "0":
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.readline(4096)
+    except OSError:
+        return False
+    if not head.startswith(b"#!"):
+        return False
+    interpreter = head[2:].split()[0].decode(errors="replace") if head[2:].split() else ""
+    return bool(interpreter) and os.path.realpath(interpreter) == os.path.realpath(sys.executable)
 
 
 def _write(path: str, text: str) -> None:
@@ -97,6 +123,11 @@ class ShimBinary:
 
     async def start(self, bundle: Bundle, options: PbAny | None) -> str:
         stdin = bytes(options) if options is not None else b""
+        if same_interpreter(self.path):
+            address = await self._start_in_process(bundle, stdin)
+            if address:
+                _write(os.path.join(bundle.path, "shim-binary-path"), self.path)
+                return address
         args, env = self._args(bundle, "start"), self._env(bundle.namespace)
 
         def run() -> subprocess.CompletedProcess[bytes]:
@@ -125,6 +156,29 @@ class ShimBinary:
         address = parse_address(text)
         _write(os.path.join(bundle.path, "shim-binary-path"), self.path)
         return address
+
+    async def _start_in_process(self, bundle: Bundle, options: bytes) -> str:
+        """The ``start`` action without its process; "" when no launcher could fork the shim."""
+
+        def run() -> str:
+            return shim_start.start(
+                namespace=bundle.namespace,
+                id=bundle.id,
+                address=self.grpc_address,
+                bundle=bundle.path,
+                env=self._env(bundle.namespace),
+                options=options,
+                debug=self.debug,
+                exec_fallback=False,
+            )
+
+        try:
+            return await asyncio.to_thread(run)
+        except shim_start.NoLauncher as exc:
+            log.info("shim launcher unavailable, exec'ing the shim", id=bundle.id, reason=str(exc))
+            return ""
+        except Exception as exc:
+            raise errdefs.Unknown(f"failed to start shim: {OWN_SHIM} start: {exc}") from None
 
     async def delete(self, bundle: Bundle) -> task.DeleteResponse:
         """``shim delete``: clean up after a shim that is gone; returns the exit it reports."""

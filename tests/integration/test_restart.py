@@ -162,18 +162,21 @@ def exits(reader: LineReader, want: set[str], timeout: float) -> dict[str, dict[
     return seen
 
 
-def start_pyctrd_with_shim(shim: str) -> daemons.Daemon:
+def start_pyctrd_with_shim(shim: str, env: dict[str, str] | None = None) -> daemons.Daemon:
     base = daemons.new_base("pyctrd-")
     cfg = os.path.join(base, "config.toml")
     with open(cfg, "w") as f:
         f.write(RUNTIME_CONFIG.format(shim=shim))
-    return daemons.start_pyctrd(base, "--config", cfg)
+    return daemons.start_pyctrd(base, "--config", cfg, env=env)
 
 
 @contextlib.contextmanager
-def running_env(shim: str, built_images: images.Images, ctr_bin: str) -> Iterator[Env]:
-    """pyctrd on ``shim`` with busybox imported into a fresh namespace; everything undone after."""
-    d = start_pyctrd_with_shim(shim)
+def running_env(
+    shim: str, built_images: images.Images, ctr_bin: str, env: dict[str, str] | None = None
+) -> Iterator[Env]:
+    """pyctrd on ``shim`` (its environment plus ``env``) with busybox imported into a fresh namespace;
+    everything undone after."""
+    d = start_pyctrd_with_shim(shim, env)
     e = Env(d, ctr_bin, f"restart-{uuid.uuid4().hex[:8]}")
     try:
         e.ok("images", "import", "--base-name", IMAGE.rsplit(":", 1)[0], built_images.busybox.oci_tar)
