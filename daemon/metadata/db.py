@@ -174,12 +174,20 @@ def load_labels(text: str | None) -> dict[str, str]:
 
 
 class DB:
-    """The metadata database; create with :meth:`open`, which also migrates the schema."""
+    """The metadata database; create with :meth:`open`, which also migrates the schema.
+
+    Writes run on one owner thread (``update``): a commit fsyncs, which must not stall the loop.
+    Reads (``view``) run on the loop thread, on a second connection of their own: in WAL mode a
+    reader sees the last committed state and never waits for the writer, and a point lookup costs a
+    few microseconds of sqlite where a hop to the writer thread and back costs a hundred and more
+    (and queues behind whatever commit is running).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="metadata")
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
         # Held shared by every change that spans metadata and a backend (blob commits, snapshot
         # prepares and commits), and exclusively by the collector between mark and sweep.
         self.gc_lock = RWLock()
@@ -188,7 +196,17 @@ class DB:
     async def open(cls, path: str) -> DB:
         db = cls(path)
         await db._run(db._connect)
+        db._reader = db._open_reader()
         return db
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            f"file:{self.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=True
+        )
+        # A reader waits only while the WAL index is rebuilt (after a crash); never for long.
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.row_factory = sqlite3.Row
+        return conn
 
     def _connect(self) -> None:
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
@@ -224,17 +242,18 @@ class DB:
         return await loop.run_in_executor(self._executor, fn)
 
     async def view(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``fn`` in a read transaction (a consistent snapshot)."""
+        """Run ``fn`` in a read transaction (a consistent snapshot), on the calling (loop) thread.
 
-        def job() -> T:
-            conn = self._require()
-            conn.execute("BEGIN")
-            try:
-                return fn(conn)
-            finally:
-                conn.execute("COMMIT")
-
-        return await self._run(job)
+        ``fn`` must only read: the connection is read-only.
+        """
+        conn = self._reader
+        if conn is None:
+            raise RuntimeError("metadata database is closed")
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
 
     async def update(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in a write transaction: all of it is committed durably, or none of it."""
@@ -258,6 +277,10 @@ class DB:
         return self._conn
 
     async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
+
         def job() -> None:
             if self._conn is not None:
                 self._conn.close()
