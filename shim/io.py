@@ -134,6 +134,9 @@ class _Sink:
             return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        # A reading client usually empties the FIFO within a millisecond: poll fast first (each poll
+        # here delays the exit report, and so the client's Wait), then back off to every 10 ms.
+        pause = 0.0005
         while loop.time() < deadline:
             try:
                 pending = struct.unpack("i", fcntl.ioctl(self.reader, termios.FIONREAD, b"\0\0\0\0"))[0]
@@ -141,7 +144,8 @@ class _Sink:
                 return
             if pending == 0:
                 return
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.01)
 
     def release(self) -> None:
         self.users -= 1

@@ -38,6 +38,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -231,7 +232,27 @@ class _Socket:
         self.listener.close()
 
 
-def _handle(conn: socket.socket, sock: _Socket, fingerprint: str) -> bool:
+class _Freshness:
+    """Whether the code on disk is still the code this launcher imported.
+
+    Walking the sources costs over a millisecond, on the path of every container create: it is done
+    at most once per ``interval`` seconds, so a launcher notices new code within that time.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.fingerprint = _fingerprint()
+        self.interval = interval
+        self._checked = time.monotonic()
+
+    def stale(self) -> bool:
+        now = time.monotonic()
+        if now - self._checked < self.interval:
+            return False
+        self._checked = now
+        return _fingerprint() != self.fingerprint
+
+
+def _handle(conn: socket.socket, sock: _Socket, freshness: _Freshness) -> bool:
     """Serves one request; returns False when the launcher must exit (stale code)."""
     conn.settimeout(10)
     fds: list[int] = []
@@ -239,7 +260,7 @@ def _handle(conn: socket.socket, sock: _Socket, fingerprint: str) -> bool:
         if _peer_uid(conn) != os.geteuid():
             return True
         msg, fds, _, _ = socket.recv_fds(conn, _REQUEST_MAX, 4)
-        if _fingerprint() != fingerprint:
+        if freshness.stale():
             # Gone before the answer: the client's retry must find no socket and spawn a new launcher.
             sock.release()
             conn.send(b'{"error": "stale"}')
@@ -331,7 +352,7 @@ def serve_launcher(sockdir: str) -> None:
     os.chdir("/")
     listener.set_inheritable(False)
     sock = _Socket(listener, os.path.join(sockdir, SOCKET_NAME))
-    fingerprint = _fingerprint()
+    freshness = _Freshness()
     _warm_up()
     _limit_malloc_arenas()
     gc.collect()
@@ -352,7 +373,7 @@ def serve_launcher(sockdir: str) -> None:
                 continue
             idle = 0.0
             with conn:
-                if not _handle(conn, sock, fingerprint):
+                if not _handle(conn, sock, freshness):
                     break
     finally:
         sock.release()

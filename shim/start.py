@@ -36,9 +36,15 @@ class NoLauncher(Exception):
 
 def group(bundle: str, id: str) -> str:
     try:
-        with open(os.path.join(bundle, "config.json")) as f:
-            annotations = json.load(f).get("annotations") or {}
-    except (OSError, ValueError):
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            data = f.read()
+    except OSError:
+        return id
+    if not any(label.encode() in data for label in GROUP_LABELS):
+        return id  # the common case: no need to parse the whole spec
+    try:
+        annotations = json.loads(data).get("annotations") or {}
+    except ValueError:
         return id
     for label in GROUP_LABELS:
         if annotations.get(label):

@@ -428,3 +428,17 @@ def test_publisher_retries_in_order_until_the_daemon_listens(tmp_path: object) -
         ("/tasks/start", "containerd.events.TaskStart", "ns"),
         ("/tasks/oom", "containerd.events.TaskOOM", "ns"),
     ]
+
+
+def test_launcher_notices_new_code_within_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pyctr.shim import launcher
+
+    monkeypatch.setattr(launcher, "_fingerprint", lambda: "old")
+    freshness = launcher._Freshness(interval=0.05)
+    monkeypatch.setattr(launcher, "_fingerprint", lambda: "new")
+    assert not freshness.stale()  # checked moments ago: not walked again yet
+    time.sleep(0.06)
+    assert freshness.stale()
+    monkeypatch.setattr(launcher, "_fingerprint", lambda: "old")
+    time.sleep(0.06)
+    assert not freshness.stale()
