@@ -2,7 +2,8 @@
 
 Defaults as containerd's ``oci.populateDefaultUnixSpec`` sets them (namespaces, mounts, the
 default capability set, RLIMIT_NOFILE 1024, masked and read-only /proc and /sys paths, cgroups
-path ``/<namespace>/<id>``), then the image's Env, Entrypoint + Cmd, WorkingDir and User.
+path ``/<namespace>/<id>``), then the image's Env, Entrypoint + Cmd and WorkingDir. The image's
+User needs the container's snapshot to resolve: :mod:`pyctr.ctr.users` does that.
 """
 
 from __future__ import annotations
@@ -117,37 +118,6 @@ def merge_env(base: Sequence[str], extra: Sequence[str]) -> list[str]:
         out = [e for e in out if e.split("=", 1)[0] != key]
         out.append(item)
     return out
-
-
-def parse_user(user: str, passwd: str = "", group: str = "") -> tuple[int, int]:
-    """uid and gid for ``name|uid[:group|gid]``, resolved against the image's passwd/group files."""
-    name, _, grp = user.partition(":")
-
-    def lookup(table: str, key: str, field_id: int) -> list[str] | None:
-        for line in table.splitlines():
-            parts = line.split(":")
-            if len(parts) > field_id and (parts[0] == key or parts[2] == key):
-                return parts
-        return None
-
-    if name.isdigit():
-        uid = int(name)
-        row = lookup(passwd, name, 2)
-        gid = int(row[3]) if row else 0
-    else:
-        row = lookup(passwd, name, 2)
-        if row is None:
-            raise ValueError(f"no such user {name!r} in the image's /etc/passwd")
-        uid, gid = int(row[2]), int(row[3])
-    if grp:
-        if grp.isdigit():
-            gid = int(grp)
-        else:
-            grow = lookup(group, grp, 2)
-            if grow is None:
-                raise ValueError(f"no such group {grp!r} in the image's /etc/group")
-            gid = int(grow[2])
-    return uid, gid
 
 
 def with_image_config(spec: dict[str, Any], config: Mapping[str, Any], args: Sequence[str]) -> None:

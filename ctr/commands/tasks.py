@@ -1,8 +1,9 @@
 """``pyctr tasks ls|ps|kill|pause|resume|rm|metrics|exec|attach|start``, as ``ctr tasks`` has them.
 
 ``exec``, ``kill``, ``ps`` and ``attach`` are also top-level commands. A followed process (start,
-attach, exec) gets the terminal in raw mode with ``-t``, or our SIGINT/SIGTERM forwarded without
-one; its exit status becomes ours, and it is deleted when it ends, as ctr does.
+attach, exec) goes through :func:`pyctr.ctr.attach.follow` with SIGTERM and SIGHUP forwarded; its
+exit status becomes ours, and it is deleted when it ends, as ctr does. ``exec --user`` resolves
+the user as ctr's exec does (``oci.WithUser``), against the container's snapshot.
 
 Metrics: neither ``io.containerd.cgroups.v1.Metrics`` nor ``v2.Metrics`` has generated code in
 pyctr.api, so :func:`decode_metrics` reads them from the wire with the field numbers of
@@ -20,23 +21,20 @@ import os
 import shutil
 import signal
 import sys
-import termios
 import time
-import tty
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pyctr.api import typeurl
+from pyctr.api._pb.containerd.services.containers import v1 as cpb
 from pyctr.api._pb.containerd.services.snapshots import v1 as spb
 from pyctr.api._pb.containerd.services.tasks import v1 as tpb
 from pyctr.api._pb.containerd.v1.types import Process, Status
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.errdefs import FailedPrecondition, InvalidArgument, NotFound
-from pyctr.ctr import oci, output, stdio
+from pyctr.ctr import attach, oci, output, rootfs, stdio, users
 from pyctr.ctr.client import Client
 from pyctr.ctr.commands import containers
 from pyctr.ctr.commands.containers import rpc
-from pyctr.ctr.commands.run import Interrupter, resize
 
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 STOP_SIGNAL_LABEL = "io.containerd.image.config.stop-signal"
@@ -79,7 +77,9 @@ def register(sub: Any) -> None:
         ex.add_argument("-d", "--detach", action="store_true", help="start and return")
         ex.add_argument("--cwd", default="")
         ex.add_argument("--env", action="append", default=[], metavar="KEY=VALUE")
-        ex.add_argument("-u", "--user", default="", help="uid[:gid] (numeric)")
+        ex.add_argument(
+            "-u", "--user", default="", help="uid, name, uid:gid or name:group (the image's names)"
+        )
         ex.set_defaults(func=exec_)
 
     for verb, func, text in (("pause", pause, "pause a task"), ("resume", resume, "resume a paused task")):
@@ -504,75 +504,6 @@ async def metrics_(args: argparse.Namespace, client: Client) -> int:
 # -- following a process: start, attach, exec ------------------------------------------------------
 
 
-async def follow(
-    client: Client,
-    cid: str,
-    exec_id: str,
-    fifos: stdio.FifoSet,
-    terminal: bool,
-    start: bool,
-    on_stdin_eof: Callable[[], Awaitable[None]] | None,
-    pid: int = 0,
-) -> int:
-    """Copy a process's stdio until it exits (starting it first if ``start``); its exit status.
-
-    The Wait call is sent before Start, so a quick exit cannot be missed.
-    """
-    loop = asyncio.get_running_loop()
-    waiter = asyncio.ensure_future(client.tasks.wait(tpb.WaitRequest(container_id=cid, exec_id=exec_id)))
-    saved_tty = None
-    feeder: asyncio.Future[None] | None = None
-    handled: list[int] = []
-    pending: set[asyncio.Future[Any]] = set()  # forwarded signals in flight
-    try:
-        interrupter = Interrupter(client, cid, exec_id)
-        interrupter.pid = pid
-        if start:
-            interrupter.pid = (
-                await client.tasks.start(tpb.StartRequest(container_id=cid, exec_id=exec_id))
-            ).pid
-        if terminal and os.isatty(0):
-            await resize(client, cid, exec_id)
-            loop.add_signal_handler(
-                signal.SIGWINCH, lambda: asyncio.ensure_future(resize(client, cid, exec_id))
-            )
-            handled.append(signal.SIGWINCH)
-        if terminal and fifos.stdin and os.isatty(0):
-            # Raw only when our keys reach the process: then Ctrl-C is a byte for its terminal.
-            saved_tty = termios.tcgetattr(0)
-            tty.setraw(0, termios.TCSADRAIN)  # TCSAFLUSH (the default) would drop typed-ahead input
-        else:
-            loop.add_signal_handler(signal.SIGINT, interrupter)
-            handled.append(signal.SIGINT)
-            for signum in (signal.SIGTERM, signal.SIGHUP):
-
-                def forward(sig: int = signum) -> None:
-                    request = tpb.KillRequest(container_id=cid, exec_id=exec_id, signal=sig)
-                    pending.add(asyncio.ensure_future(client.tasks.kill(request)))
-
-                loop.add_signal_handler(signum, forward)
-                handled.append(signum)
-        if fifos.stdin:
-
-            async def eof() -> None:
-                if on_stdin_eof is not None:
-                    await on_stdin_eof()
-
-            feeder = asyncio.ensure_future(stdio.copy_stdin(fifos, eof))
-        status = await waiter
-        if feeder is not None and not feeder.done():
-            feeder.cancel()
-        await stdio.wait_output(fifos)
-        return interrupter.exit_code(int(status.exit_status))
-    finally:
-        if saved_tty is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved_tty)
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-        if not waiter.done():
-            waiter.cancel()
-
-
 async def attach_(args: argparse.Namespace, client: Client) -> int:
     proc = (await client.tasks.get(tpb.GetRequest(container_id=args.id))).process
     if proc is None:
@@ -588,7 +519,9 @@ async def attach_(args: argparse.Namespace, client: Client) -> int:
     fifos = stdio.FifoSet(dir="", stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
     stdio.start_output(fifos)
     try:
-        return await follow(client, args.id, "", fifos, proc.terminal, False, None, proc.pid)
+        return await attach.follow(
+            client, args.id, "", fifos, terminal=proc.terminal, start=False, pid=proc.pid
+        )
     finally:
         for t in fifos._tasks:
             t.cancel()
@@ -612,7 +545,7 @@ async def start_(args: argparse.Namespace, client: Client) -> int:
         fifos = stdio.FifoSet(dir="", stdin=proc.stdin, stdout=proc.stdout, stderr=proc.stderr)
         stdio.start_output(fifos)
         try:
-            return await follow(client, args.id, "", fifos, proc.terminal, True, None)
+            return await attach.follow(client, args.id, "", fifos, terminal=proc.terminal, start=True)
         finally:
             for t in fifos._tasks:
                 t.cancel()
@@ -635,8 +568,10 @@ async def start_(args: argparse.Namespace, client: Client) -> int:
         if fifos is None:
             await client.tasks.start(tpb.StartRequest(container_id=args.id))
             return 0
-        close = _closer(client, args.id, "")
-        return await follow(client, args.id, "", fifos, terminal, True, close)
+        close = attach.stdin_closer(client, args.id)
+        return await attach.follow(
+            client, args.id, "", fifos, terminal=terminal, start=True, on_stdin_eof=close
+        )
     finally:
         if fifos is not None:
             stdio.close(fifos)
@@ -644,14 +579,26 @@ async def start_(args: argparse.Namespace, client: Client) -> int:
                 await client.tasks.delete(tpb.DeleteTaskRequest(container_id=args.id))
 
 
-def _closer(client: Client, cid: str, exec_id: str) -> Callable[[], Awaitable[None]]:
-    async def close() -> None:
-        await client.tasks.close_io(tpb.CloseIoRequest(container_id=cid, exec_id=exec_id, stdin=True))
+async def container_user(client: Client, c: cpb.Container, spec: dict[str, Any], user: str) -> users.User:
+    """``oci.WithUser`` for a container: names looked up in its snapshot, mounted read-only."""
+    if not users.needs_files(user):
+        return users.with_user(user, None)
+    if c.snapshotter and c.snapshot_key:
+        mounts = (
+            await client.snapshots.mounts(spb.MountsRequest(snapshotter=c.snapshotter, key=c.snapshot_key))
+        ).mounts
+        return await rootfs.read_snapshot(
+            mounts, c.id, lambda root: users.with_user(user, rootfs.RootFiles(root))
+        )
+    if c.snapshotter or c.snapshot_key:
+        raise FailedPrecondition(f"container {c.id}: no snapshotter or no snapshot key to read users from")
+    root = (spec.get("root") or {}).get("path", "")
+    if not os.path.isabs(root):
+        raise FailedPrecondition(f"container {c.id}: an absolute rootfs path is required to read users from")
+    return users.with_user(user, rootfs.RootFiles(root))
 
-    return close
 
-
-def process_spec(base: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+def process_spec(base: dict[str, Any], args: argparse.Namespace, user: users.User | None) -> dict[str, Any]:
     """The exec's Process: the container's process with the new args, terminal, cwd, env, user."""
     proc = json.loads(json.dumps(base))
     proc["args"] = list(args.args)
@@ -660,9 +607,8 @@ def process_spec(base: dict[str, Any], args: argparse.Namespace) -> dict[str, An
         proc["cwd"] = args.cwd
     if args.env:
         proc["env"] = oci.merge_env(proc.get("env") or [], args.env)
-    if args.user:
-        uid, gid = oci.parse_user(args.user)
-        proc["user"] = {**(proc.get("user") or {}), "uid": uid, "gid": gid}
+    if user is not None:
+        proc["user"] = {**(proc.get("user") or {}), **user.spec()}
     return proc
 
 
@@ -672,8 +618,12 @@ async def exec_(args: argparse.Namespace, client: Client) -> int:
     if not args.args:
         raise InvalidArgument("exec needs a command")
     exec_id = args.exec_id or f"exec-{os.getpid()}-{time.time_ns() % 10**9}"
-    spec = await containers.spec(client, args.id)
-    proc = process_spec(spec.get("process") or {}, args)
+    c = await containers.get(client, args.id)
+    spec = containers.decode_spec(c.spec)
+    if not isinstance(spec, dict):
+        raise FailedPrecondition(f"container {args.id} has no spec")
+    user = await container_user(client, c, spec, args.user) if args.user else None
+    proc = process_spec(spec.get("process") or {}, args, user)
     fifos = None if args.detach else stdio.create(f"{args.id}-{exec_id}", args.interactive, args.tty)
     request = tpb.ExecProcessRequest(
         container_id=args.id,
@@ -691,8 +641,9 @@ async def exec_(args: argparse.Namespace, client: Client) -> int:
         if fifos is None:
             await client.tasks.start(tpb.StartRequest(container_id=args.id, exec_id=exec_id))
             return 0
-        return await follow(
-            client, args.id, exec_id, fifos, args.tty, True, _closer(client, args.id, exec_id)
+        close = attach.stdin_closer(client, args.id, exec_id)
+        return await attach.follow(
+            client, args.id, exec_id, fifos, terminal=args.tty, start=True, on_stdin_eof=close
         )
     finally:
         if fifos is not None:

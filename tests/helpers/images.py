@@ -7,6 +7,8 @@
   manifest, config with ``rootfs.diff_ids``, index.json). Layer 2 has a whiteout of a file and
   of a directory, an opaque directory, a hard link, relative and absolute symlinks and changed
   owners and modes; layer 3 is gzip-compressed and writes into the opaque directory again.
+* ``users`` (built on demand by :func:`build_users`, not by :func:`get`): busybox with more
+  users and groups, and optionally a ``User`` in its config, assembled by hand as ``multi`` is.
 
 Every layout is tagged ``latest`` (``org.opencontainers.image.ref.name``); the archives are
 imported with ``ctr images import --base-name <name>``.
@@ -251,6 +253,81 @@ def build_multi(work: str, name: str = "docker.io/library/multi:latest") -> Imag
     with open(os.path.join(layout, "index.json"), "w") as f:
         json.dump({"schemaVersion": 2, "manifests": [manifest_desc]}, f)
     oci_tar = os.path.join(work, "multi-oci.tar")
+    _tar_dir(layout, oci_tar)
+    return Image(name=name, layout=layout, oci_tar=oci_tar)
+
+
+# ---------------------------------------------------------------------------------------- users
+
+# Users and groups for ``--user`` tests: alice is in staff and devs (and in her own group, which
+# containerd leaves out of the supplementary groups); bob is in staff; app in audio; root in wheel.
+USERS_PASSWD = (
+    "root:x:0:0:root:/root:/bin/sh\n"
+    "daemon:x:1:1:daemon:/usr/sbin:/bin/false\n"
+    "alice:x:1000:1000:Alice:/home/alice:/bin/sh\n"
+    "bob:x:1001:1001:Bob:/home/bob:/bin/sh\n"
+    "app:x:2000:2000:app:/app:/bin/sh\n"
+    "nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"
+)
+USERS_GROUP = (
+    "root:x:0:\n"
+    "daemon:x:1:\n"
+    "wheel:x:10:root\n"
+    "audio:x:29:app\n"
+    "staff:x:50:alice,bob\n"
+    "alice:x:1000:alice\n"
+    "bob:x:1001:\n"
+    "app:x:2000:\n"
+    "devs:x:3000:alice\n"
+    "nogroup:x:65534:\n"
+)
+USERS_APPLETS = [*APPLETS, "grep"]
+
+
+def users_layer() -> bytes:
+    """One layer: busybox with its applets, and the users above. ``/etc/passwd`` is an absolute
+    symlink to ``/lib/passwd``, as some images have it, so a reader must resolve it in the image."""
+    layer = _Layer()
+    for d, mode in (("bin", 0o755), ("etc", 0o755), ("lib", 0o755), ("tmp", 0o1777), ("root", 0o700)):
+        layer.dir(d, mode=mode)
+    for d in ("proc", "sys", "dev", "home", "home/alice", "home/bob", "app"):
+        layer.dir(d)
+    with open(BUSYBOX, "rb") as f:
+        layer.file("bin/busybox", f.read(), mode=0o755)
+    for applet in USERS_APPLETS:
+        layer.symlink(f"bin/{applet}", "busybox")
+    layer.file("lib/passwd", USERS_PASSWD.encode())
+    layer.symlink("etc/passwd", "/lib/passwd")
+    layer.file("etc/group", USERS_GROUP.encode())
+    return layer.bytes()
+
+
+def build_users(work: str, name: str, user: str = "", layer: bytes | None = None) -> Image:
+    """A one-layer image with :func:`users_layer`; ``user`` becomes its config's ``User``."""
+    base = name.rsplit("/", 1)[-1].replace(":", "-")
+    layout = os.path.join(work, f"{base}-oci")
+    os.makedirs(os.path.join(layout, "blobs", "sha256"))
+    with open(os.path.join(layout, "oci-layout"), "w") as f:
+        json.dump({"imageLayoutVersion": "1.0.0"}, f)
+    tar = users_layer() if layer is None else layer
+    cfg: dict[str, object] = {"Env": ["PATH=/bin"], "Cmd": ["sh"], "WorkingDir": "/"}
+    if user:
+        cfg["User"] = user
+    config = {
+        "architecture": "amd64",
+        "os": "linux",
+        "config": cfg,
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{hashlib.sha256(tar).hexdigest()}"]},
+        "history": [{"created_by": "users layer"}],
+    }
+    config_desc = _blob(layout, json.dumps(config, sort_keys=True).encode(), MT_CONFIG)
+    layers = [_blob(layout, tar, MT_LAYER)]
+    manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST, "config": config_desc, "layers": layers}
+    manifest_desc = _blob(layout, json.dumps(manifest, sort_keys=True).encode(), MT_MANIFEST)
+    manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": TAG}
+    with open(os.path.join(layout, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [manifest_desc]}, f)
+    oci_tar = os.path.join(work, f"{base}-oci.tar")
     _tar_dir(layout, oci_tar)
     return Image(name=name, layout=layout, oci_tar=oci_tar)
 
