@@ -29,6 +29,7 @@ from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.errdefs import ContainerdError, InvalidArgument, NotFound
 from pyctr.ctr import output
 from pyctr.ctr.client import Client
+from pyctr.ctr.credentials import CredentialSource
 
 INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -48,6 +49,7 @@ def register(sub: Any) -> None:
     pull.add_argument("--no-unpack", action="store_true")
     pull.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     pull.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    _add_user(pull)
     pull.set_defaults(func=pull_)
 
     ls = verbs.add_parser("ls", aliases=["list"], help="list images (filters: name==…, labels.k==…)")
@@ -79,6 +81,7 @@ def register(sub: Any) -> None:
     push.add_argument("ref", help="where to push, e.g. 127.0.0.1:5000/library/busybox:latest")
     push.add_argument("local", nargs="?", default="", help="the local image (default: ref)")
     push.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
+    _add_user(push)
     push.set_defaults(func=push_)
 
     export = verbs.add_parser("export", help="write images to an OCI layout tar (docker-loadable)")
@@ -110,7 +113,23 @@ def register(sub: Any) -> None:
     unmount.set_defaults(func=unmount_)
 
 
+def _add_user(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "-u",
+        "--user",
+        default="",
+        metavar="USER[:PASSWORD]",
+        help="registry credentials (asked for on the terminal without the password); "
+        "default: $DOCKER_CONFIG/config.json or ~/.docker/config.json",
+    )
+
+
 # -- pull ------------------------------------------------------------------------------------------
+
+# Events shown under another name: ctr's word for content that was there already.
+SHOWN_AS = {"already exists": "exists"}
+# In-flight events: bars on a terminal, left out of plain output (one line per state change).
+IN_FLIGHT = frozenset({"waiting", "downloading", "uploading"})
 
 
 class ProgressView:
@@ -123,11 +142,12 @@ class ProgressView:
         self.started = time.monotonic()
 
     def update(self, p: tt.Progress) -> None:
+        event = SHOWN_AS.get(p.event, p.event)
         if not p.name.startswith("sha256:") or not self.tty:
-            if p.event in ("downloading",) and not self.tty:
-                return  # plain output: one line per state change, not per chunk
+            if p.event in IN_FLIGHT and not self.tty:
+                return
             label = p.name[:19] if p.name.startswith("sha256:") else p.name
-            print(f"{p.event}: {label}".rstrip(": "), flush=True)
+            print(f"{event}: {label}".rstrip(": "), flush=True)
             return
         short = p.name[7:19]
         if p.total:
@@ -135,9 +155,9 @@ class ProgressView:
             done = int(width * min(p.progress, p.total) / p.total)
             bar = "+" * done + " " * (width - done)
             amount = f"{output.human_size(p.progress)}/{output.human_size(p.total)}"
-            self.rows[short] = f"{short}  {p.event:<15} |{bar}| {amount}"
+            self.rows[short] = f"{short}  {event:<15} |{bar}| {amount}"
         else:
-            self.rows[short] = f"{short}  {p.event}"
+            self.rows[short] = f"{short}  {event}"
         self.redraw()
 
     def redraw(self) -> None:
@@ -150,59 +170,26 @@ class ProgressView:
 
 
 async def pull_(args: argparse.Namespace, client: Client) -> int:
-    stream_id = f"progress-{os.getpid()}-{time.time_ns()}"
-    url, value = typeurl.marshal(StreamInit(id=stream_id))
-    # Our half of the side stream carries only the StreamInit; the daemon's half carries progress
-    # until the transfer ends.
-    responses = client.streaming.stream([PbAny(type_url=url, value=value)])
-    view = ProgressView(sys.stdout.isatty() and not args.plain)
-    acked = asyncio.Event()
-
-    async def read_progress() -> None:
-        async for msg in responses:
-            if not acked.is_set():
-                acked.set()  # the first message acknowledges the registration
-                continue
-            obj = typeurl.unmarshal(msg.type_url, msg.value)
-            if isinstance(obj, tt.Progress):
-                view.update(obj)
-
-    reader = asyncio.ensure_future(read_progress())
-    try:
-        await asyncio.wait_for(asyncio.shield(acked.wait()), 10)
-        wanted = [platforms.parse(p) for p in args.platform]
-        dest = tt.ImageStore(
-            name="",
-            labels=output.parse_labels(args.label),
-            platforms=[PbPlatform(os=p.os, architecture=p.architecture, variant=p.variant) for p in wanted],
-            all_metadata=args.all_platforms,
-            unpacks=[]
-            if args.no_unpack
-            else [
-                tt.UnpackConfiguration(
-                    platform=PbPlatform(os=p.os, architecture=p.architecture, variant=p.variant),
-                    snapshotter=args.snapshotter,
-                )
-                for p in (wanted or [platforms.default()])
-            ],
-        )
-        src_url, src_value = typeurl.marshal(
-            tt.OciRegistry(reference=args.ref, resolver=tt.RegistryResolver())
-        )
-        dst_url, dst_value = typeurl.marshal(dest)
-        await client.transfer.transfer(
-            TransferRequest(
-                source=PbAny(type_url=src_url, value=src_value),
-                destination=PbAny(type_url=dst_url, value=dst_value),
-                options=TransferOptions(progress_stream=stream_id),
+    creds = CredentialSource.from_args(args.user)  # before anything starts: it may prompt
+    wanted = [platforms.parse(p) for p in args.platform]
+    dest = tt.ImageStore(
+        name="",
+        labels=output.parse_labels(args.label),
+        platforms=[PbPlatform(os=p.os, architecture=p.architecture, variant=p.variant) for p in wanted],
+        all_metadata=args.all_platforms,
+        unpacks=[]
+        if args.no_unpack
+        else [
+            tt.UnpackConfiguration(
+                platform=PbPlatform(os=p.os, architecture=p.architecture, variant=p.variant),
+                snapshotter=args.snapshotter,
             )
-        )
-        await asyncio.wait_for(reader, 10)
-    finally:
-        if not reader.done():
-            reader.cancel()
-            with contextlib.suppress(BaseException):
-                await reader
+            for p in (wanted or [platforms.default()])
+        ],
+    )
+    view = ProgressView(sys.stdout.isatty() and not args.plain)
+    async with RegistryTransfer(client, creds, view) as remote:
+        await _transfer(client, remote.registry(args.ref), dest, remote.progress_id)
     print(f"done: {args.ref} in {time.monotonic() - view.started:.2f}s")
     return 0
 
@@ -419,7 +406,12 @@ WINDOW = 2 * MAX_READ
 
 
 class SideStream:
-    """Our end of a Streaming.Stream: ``send`` Anys, read decoded messages from ``incoming``."""
+    """Our end of a Streaming.Stream: ``send`` Anys, read decoded messages from ``incoming``.
+
+    The daemon ends its half when the transfer that uses the stream ends (and grpc then closes
+    the whole stream): only the import's data stream is ever half-closed by us, to mark the end
+    of the archive. Otherwise our half is stopped, not ended: ending a stream the daemon has
+    already closed is an error in grpclib's sending task."""
 
     def __init__(self, client: Client, prefix: str) -> None:
         self.client = client
@@ -428,8 +420,10 @@ class SideStream:
         self.incoming: asyncio.Queue[object | None] = asyncio.Queue()  # None: the daemon closed it
         self._acked = asyncio.Event()
         self._reader: asyncio.Future[None] | None = None
+        self._sender: asyncio.Task[Any] | None = None  # grpclib's task that sends our half
 
     async def _requests(self) -> AsyncIterator[PbAny]:
+        self._sender = asyncio.current_task()
         url, value = typeurl.marshal(StreamInit(id=self.id))
         yield PbAny(type_url=url, value=value)
         while (msg := await self._out.get()) is not None:
@@ -464,16 +458,27 @@ class SideStream:
         self._out.put_nowait(PbAny(type_url=url, value=value))
 
     def end(self) -> None:
-        """End our half (EOF for the daemon); the daemon's half ends when its transfer does."""
-        self._out.put_nowait(None)
+        """End our half (EOF for the daemon), unless the daemon has closed the stream already."""
+        if self._reader is not None and self._reader.done():
+            self._stop_sending()
+        else:
+            self._out.put_nowait(None)
 
-    async def close(self) -> None:
-        self.end()
-        if self._reader is not None:
-            try:
-                await asyncio.wait_for(self._reader, 10)
-            except (TimeoutError, Exception):
-                self._reader.cancel()
+    def _stop_sending(self) -> None:
+        if self._sender is not None and not self._sender.done():
+            self._sender.cancel()
+
+    async def close(self, wait: float = 5.0) -> None:
+        """Stop both halves, once the daemon has closed its own (for at most ``wait`` seconds:
+        it does when the transfer that uses the stream ends; cutting it short before then
+        resets a stream the daemon is still finishing)."""
+        if wait and self._reader is not None and not self._reader.done():
+            await asyncio.wait([self._reader], timeout=wait)
+        self._stop_sending()
+        tasks = [t for t in (self._reader, self._sender) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _any(message: Any) -> PbAny:
@@ -491,27 +496,87 @@ async def _transfer(client: Client, source: Any, destination: Any, progress_id: 
     )
 
 
-async def push_(args: argparse.Namespace, client: Client) -> int:
-    progress = await SideStream(client, "progress").open()
-    view = ProgressView(sys.stdout.isatty() and not args.plain)
+class RegistryTransfer:
+    """The side streams of a pull or push: progress shown in ``view``, and, when there are
+    credentials to offer, the auth stream on which the daemon asks for them (one AuthRequest,
+    one AuthResponse; see pyctr.ctr.credentials)."""
 
-    async def show() -> None:
-        while (obj := await progress.incoming.get()) is not None:
+    def __init__(self, client: Client, creds: CredentialSource, view: ProgressView) -> None:
+        self.client = client
+        self.creds = creds
+        self.view = view
+        self.progress: SideStream | None = None
+        self.auth: SideStream | None = None
+        self._tasks: list[asyncio.Future[None]] = []
+
+    @property
+    def progress_id(self) -> str:
+        return self.progress.id if self.progress is not None else ""
+
+    def registry(self, ref: str) -> tt.OciRegistry:
+        auth_id = self.auth.id if self.auth is not None else ""
+        return tt.OciRegistry(reference=ref, resolver=tt.RegistryResolver(auth_stream=auth_id))
+
+    async def __aenter__(self) -> RegistryTransfer:
+        try:
+            self.progress = await SideStream(self.client, "progress").open()
+            self._tasks.append(asyncio.ensure_future(self._show(self.progress)))
+            if not self.creds.empty:
+                self.auth = await SideStream(self.client, "auth").open()
+                self._tasks.append(asyncio.ensure_future(self._answer(self.auth)))
+        except BaseException:
+            await self._close(wait=0)  # no transfer ran: the daemon would not close them
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is None and self._tasks:
+            # The daemon closes its halves when the transfer ends: the last progress arrives first.
+            await asyncio.wait(self._tasks, timeout=10)
+        await self._close()
+
+    async def _close(self, wait: float = 5.0) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for side in (self.progress, self.auth):
+            if side is not None:
+                await side.close(wait)
+
+    async def _show(self, side: SideStream) -> None:
+        while (obj := await side.incoming.get()) is not None:
             if isinstance(obj, tt.Progress):
-                view.update(obj)
+                self.view.update(obj)
 
-    shower = asyncio.ensure_future(show())
-    try:
+    async def _answer(self, side: SideStream) -> None:
+        while (obj := await side.incoming.get()) is not None:
+            if not isinstance(obj, tt.AuthRequest):
+                continue
+            try:
+                found = await asyncio.to_thread(self.creds.lookup, obj.host)
+            except ContainerdError as e:
+                # A broken entry or helper: said once, and the daemon goes on without credentials.
+                print(f"pyctr: credentials for {obj.host}: {e}", file=sys.stderr)
+                found = None
+            if found is None:
+                side.send(tt.AuthResponse(auth_type=tt.AuthType.NONE))
+            elif not found.username:
+                side.send(tt.AuthResponse(auth_type=tt.AuthType.REFRESH, secret=found.secret))
+            else:
+                side.send(
+                    tt.AuthResponse(
+                        auth_type=tt.AuthType.CREDENTIALS, username=found.username, secret=found.secret
+                    )
+                )
+
+
+async def push_(args: argparse.Namespace, client: Client) -> int:
+    creds = CredentialSource.from_args(args.user)  # before anything starts: it may prompt
+    view = ProgressView(sys.stdout.isatty() and not args.plain)
+    async with RegistryTransfer(client, creds, view) as remote:
         await _transfer(
-            client,
-            tt.ImageStore(name=args.local or args.ref),
-            tt.OciRegistry(reference=args.ref, resolver=tt.RegistryResolver()),
-            progress.id,
+            client, tt.ImageStore(name=args.local or args.ref), remote.registry(args.ref), remote.progress_id
         )
-        await asyncio.wait_for(shower, 10)
-    finally:
-        shower.cancel()
-        await progress.close()
     print(f"pushed: {args.ref} in {time.monotonic() - view.started:.2f}s")
     return 0
 

@@ -4,7 +4,8 @@ Flow, per request (``Authorizer`` keeps the state; ``registry.RegistryClient`` d
 
 1. The first request to a host goes out anonymously.
 2. A 401 carries ``WWW-Authenticate``. ``Basic`` -> the credentials for the host are sent as
-   ``Authorization: Basic`` from then on (no credentials -> PermissionDenied). ``Bearer realm=..,
+   ``Authorization: Basic`` from then on (no credentials -> PermissionDenied); credentials that
+   carry a ready ``header`` are sent as they are, for either scheme. ``Bearer realm=..,
    service=.., scope=..`` -> a token is fetched from the realm for the union of the challenge's
    scope and the request's own (``repository:<path>:pull`` or ``pull,push``):
      * credentials with a username: ``GET realm?service=..&scope=..`` with Basic credentials;
@@ -57,9 +58,12 @@ MIN_TOKEN_LIFETIME = 60  # seconds; the token spec's default when expires_in is 
 class Credentials:
     username: str
     secret: str  # a password, or an identity (refresh) token when username is ""
+    # A ready Authorization value (containerd's AuthType HEADER): sent as it is, whatever the
+    # registry's challenge, instead of anything built from username and secret.
+    header: str = ""
 
     def __repr__(self) -> str:  # keep secrets out of logs and tracebacks
-        return f"Credentials(username={self.username!r}, secret=***)"
+        return f"Credentials(username={self.username!r}, secret=***{', header=***' if self.header else ''})"
 
 
 CredentialsFunc = Callable[[str], Awaitable[Credentials | None]]
@@ -371,9 +375,12 @@ class Authorizer:
         self._challenges[host] = challenge
         if challenge.scheme == "basic":
             creds = await self._creds(host)
-            if creds is None or not creds.username:
+            if creds is not None and creds.header:
+                self._basic[host] = creds.header
+            elif creds is None or not creds.username:
                 raise PermissionDenied(f"unauthorized: {registry} requires credentials (basic auth)")
-            self._basic[host] = basic_header(creds)
+            else:
+                self._basic[host] = basic_header(creds)
             return self._basic[host]
         value = await self._bearer(
             host, scope, challenge, challenge_scope=challenge.params.get("scope", ""), refused=sent
@@ -394,6 +401,8 @@ class Authorizer:
             if cached is not None and cached.expires_at > now and "Bearer " + cached.value != refused:
                 return "Bearer " + cached.value
             creds = await self._creds(host)
+            if creds is not None and creds.header:
+                return creds.header  # the caller's own token: nothing to fetch or cache
             want = merge_scopes(scope, challenge_scope)
             req = token_request(challenge, want, creds)
             self.token_fetches += 1

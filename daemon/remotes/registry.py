@@ -7,9 +7,13 @@ Requests (``/v2`` is the endpoint's path from hosts.toml, ``<name>`` the reposit
                   Content-Type; the digest is then computed from the body)
     fetch         GET  /v2/<name>/manifests/<digest>  or  /blobs/<digest>   [Range: bytes=N-]
     push_blob     HEAD /v2/<name>/blobs/<digest>      (200: already there, done)
-                  POST /v2/<name>/blobs/uploads/      -> 202 Location
+                  POST /v2/<name>/blobs/uploads/      -> 202 Location (201: mounted, done)
                   PUT  <Location>&digest=<digest>     the whole blob, streamed (201)
-    push_manifest PUT  /v2/<name>/manifests/<tag|digest>   Content-Type: the media type (201)
+    push_manifest HEAD /v2/<name>/manifests/<tag|digest>   (200 naming the same digest: done)
+                  PUT  /v2/<name>/manifests/<tag|digest>   Content-Type: the media type (201)
+
+Both push calls return whether they uploaded anything: False means the registry had it already
+(what a pusher reports as "already exists", as containerd's does).
 
 Endpoints come from ``hosts.hosts_for`` and are tried in order for resolve and pull (404 and
 failures move on to the next; the first failure that is not a 404 is what is reported if none
@@ -686,8 +690,10 @@ class RegistryClient:
 
     # ----------------------------------------------------------------------------------- push
 
-    async def push_blob(self, ref: Reference, desc: Descriptor, data: AsyncIterator[bytes] | bytes) -> None:
-        """Upload a blob unless the repository has it already (monolithic, streamed PUT)."""
+    async def push_blob(self, ref: Reference, desc: Descriptor, data: AsyncIterator[bytes] | bytes) -> bool:
+        """Upload a blob unless the repository has it already (monolithic, streamed PUT).
+
+        False when the registry had it (``data`` is then never read), True once uploaded."""
         host = self._capable(ref, "push")[0]
         scope = self._scope(ref, push=True)
         what = f"blob {desc.digest} to {ref.name}"
@@ -696,7 +702,7 @@ class RegistryClient:
         )
         if resp.status == 200:
             resp.release()
-            return
+            return False
         if resp.status != 404:
             raise await self._fail(resp, host, what)
         resp.release()
@@ -713,7 +719,7 @@ class RegistryClient:
         )
         if resp.status == 201:  # the registry mounted it from elsewhere
             resp.release()
-            return
+            return False
         location = resp.headers.get("Location")
         if resp.status != 202 or not location:
             raise await self._fail(resp, host, what)
@@ -748,17 +754,30 @@ class RegistryClient:
         if resp.status not in (201, 204):
             raise await self._fail(resp, host, what)
         resp.release()
+        return True
 
-    async def push_manifest(self, ref: Reference, desc: Descriptor, data: bytes) -> None:
-        """PUT a manifest or index under ``ref.tag``, or under its digest when ref has no tag."""
+    async def push_manifest(self, ref: Reference, desc: Descriptor, data: bytes) -> bool:
+        """PUT a manifest or index under ``ref.tag``, or under its digest when ref has no tag.
+
+        False when the registry has it there already: by digest, or a tag that names this very
+        digest (a tag naming another one is moved); True once uploaded."""
         what = f"manifest {desc.digest} to {ref.name}"
         await _verify(data, desc, what)
         host = self._capable(ref, "push")[0]
+        scope = self._scope(ref, push=True)
+        url = self._url(host, ref, "manifests", ref.tag or desc.digest)
+        accept = {"Accept": ", ".join((desc.media_type, "*/*"))}
+        resp = await self._send(host, "HEAD", url, scope=scope, what=what, headers=accept)
+        if resp.status not in (200, 404):
+            raise await self._fail(resp, host, what)
+        resp.release()
+        if resp.status == 200 and (not ref.tag or resp.headers.get("Docker-Content-Digest") == desc.digest):
+            return False
         resp = await self._send(
             host,
             "PUT",
-            self._url(host, ref, "manifests", ref.tag or desc.digest),
-            scope=self._scope(ref, push=True),
+            url,
+            scope=scope,
             what=what,
             headers={"Content-Type": desc.media_type},
             data=data,
@@ -766,3 +785,4 @@ class RegistryClient:
         if resp.status not in (200, 201, 202, 204):
             raise await self._fail(resp, host, what)
         resp.release()
+        return True

@@ -11,10 +11,16 @@ Other pairs answer Unimplemented, naming the pair. Progress goes to the side str
 options, as ``containerd.types.transfer.Progress`` messages; the stream is closed when the
 transfer ends. The data streams of import and export are flow-controlled as
 :mod:`pyctr.daemon.transfer.archive` describes, and closed when the transfer ends.
+
+A registry's ``RegistryResolver`` may name an ``auth_stream``: the registry client then asks the
+caller for credentials on it (:class:`pyctr.daemon.transfer.streams.AuthCallback`), and it is
+closed when the transfer ends; without one, registries are accessed anonymously. The resolver's
+``headers`` go with every registry request.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,9 +31,10 @@ from pyctr.api._pb.containerd.types import transfer as tt
 from pyctr.api._pb.google.protobuf import Empty
 from pyctr.api.errdefs import InvalidArgument, NotFound, NotImplementedErr
 from pyctr.daemon import plugin
-from pyctr.daemon.transfer.streams import SideStream, StreamManager
+from pyctr.daemon.transfer.streams import AuthCallback, SideStream, StreamManager
 
 if TYPE_CHECKING:
+    from pyctr.daemon.remotes.auth import CredentialsFunc
     from pyctr.daemon.transfer.archive import Exporter, Importer, ImportOptions
     from pyctr.daemon.transfer.pull import Progress, Puller, PullOptions
     from pyctr.daemon.transfer.push import Pusher
@@ -42,7 +49,9 @@ def _decode(msg: object, what: str) -> object:
         raise NotImplementedErr(f"transfer {what} type {msg.type_url} is not supported") from None  # type: ignore[attr-defined]
 
 
-def pull_options(dest: tt.ImageStore) -> PullOptions:
+def pull_options(
+    dest: tt.ImageStore, credentials: CredentialsFunc | None = None, headers: dict[str, str] | None = None
+) -> PullOptions:
     from pyctr.daemon.transfer.pull import PullOptions
 
     wanted = [
@@ -54,6 +63,8 @@ def pull_options(dest: tt.ImageStore) -> PullOptions:
         unpack=bool(dest.unpacks),
         labels=dict(dest.labels),
         name=dest.name,
+        credentials=credentials,
+        headers=dict(headers or {}),
     )
     if dest.unpacks:
         opts.snapshotter = dest.unpacks[0].snapshotter or "overlayfs"
@@ -80,6 +91,15 @@ def import_options(dest: tt.ImageStore) -> ImportOptions:
             for u in dest.unpacks
         ],
     )
+
+
+def _remote(
+    registry: tt.OciRegistry, auth_stream: SideStream | None
+) -> tuple[CredentialsFunc | None, dict[str, str]]:
+    """What the registry client needs from the caller: its credentials and extra headers."""
+    credentials = AuthCallback(auth_stream, registry.reference) if auth_stream is not None else None
+    headers = dict(registry.resolver.headers) if registry.resolver is not None else {}
+    return credentials, headers
 
 
 @dataclass
@@ -121,10 +141,17 @@ class TransferService(pb.TransferBase):
         except NotFound:
             raise NotFound(f"data stream {stream_id}") from None
 
+    def _auth_stream(self, ns: str, registry: tt.OciRegistry) -> SideStream | None:
+        stream_id = registry.resolver.auth_stream if registry.resolver is not None else ""
+        if not stream_id:
+            return None
+        try:
+            return self.streams.get(ns, stream_id)
+        except NotFound:
+            raise NotFound(f"auth stream {stream_id}") from None
+
     async def transfer(self, message: pb.TransferRequest) -> Empty:
         ns = namespaces.required()
-        src = _decode(message.source, "source")
-        dst = _decode(message.destination, "destination")
         progress_stream: SideStream | None = None
         if message.options is not None and message.options.progress_stream:
             try:
@@ -148,14 +175,23 @@ class TransferService(pb.TransferBase):
             if progress_stream is not None:
                 progress_stream.send(tt.Progress(event=event, name=name, progress=progress, total=total))
 
+        auth_stream: SideStream | None = None
         try:
+            src = _decode(message.source, "source")
+            dst = _decode(message.destination, "destination")
             if isinstance(src, tt.OciRegistry) and isinstance(dst, tt.ImageStore):
-                await self.puller.pull(ns, src.reference, pull_options(dst), report)
+                auth_stream = self._auth_stream(ns, src)
+                credentials, headers = _remote(src, auth_stream)
+                await self.puller.pull(ns, src.reference, pull_options(dst, credentials, headers), report)
                 return Empty()
             if isinstance(src, tt.ImageStore) and isinstance(dst, tt.OciRegistry):
                 if not src.name:
                     raise InvalidArgument("push: the source image name must be set")
-                await self.pusher.push(ns, src.name, dst.reference, report)
+                auth_stream = self._auth_stream(ns, dst)
+                credentials, headers = _remote(dst, auth_stream)
+                await self.pusher.push(
+                    ns, src.name, dst.reference, report, credentials=credentials, headers=headers
+                )
                 return Empty()
             if isinstance(src, tt.ImageStore) and isinstance(dst, tt.ImageExportStream):
                 await self._export(ns, src, dst, report_blob)
@@ -169,6 +205,8 @@ class TransferService(pb.TransferBase):
         finally:
             if progress_stream is not None:
                 progress_stream.close()
+            if auth_stream is not None:
+                auth_stream.close()
 
     async def _export(
         self,
@@ -179,10 +217,11 @@ class TransferService(pb.TransferBase):
     ) -> None:
         from pyctr.daemon.transfer.archive import DataSender, ExportOptions
 
+        side = self._data_stream(ns, dst.stream)
         names = [n for n in [src.name, *(r.name for r in src.extra_references)] if n]
         if not names:
+            side.close()
             raise InvalidArgument("export: no image name given")
-        side = self._data_stream(ns, dst.stream)
         opts = ExportOptions(
             platforms=[platforms.Platform(p.os, p.architecture, p.variant) for p in dst.platforms],
             all_platforms=dst.all_platforms,
@@ -233,14 +272,16 @@ async def _init(ic: plugin.InitContext) -> TransferService:
             snapshotters=snapshotters,
             differ=differ,
             exchange=exchange,
-            client_factory=lambda: RegistryClient(config_dir=config_dir),
+            client_factory=functools.partial(RegistryClient, config_dir=config_dir),
         )
 
     def make_pusher() -> Pusher:
         from pyctr.daemon.remotes.registry import RegistryClient
         from pyctr.daemon.transfer.push import Pusher
 
-        return Pusher(db=db, content=content, client_factory=lambda: RegistryClient(config_dir=config_dir))
+        return Pusher(
+            db=db, content=content, client_factory=functools.partial(RegistryClient, config_dir=config_dir)
+        )
 
     def make_exporter() -> Exporter:
         from pyctr.daemon.transfer.archive import Exporter

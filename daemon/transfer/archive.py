@@ -25,6 +25,12 @@ tars); for the latter it writes a Docker schema 2 manifest. Blobs get the gc.ref
 gives them, everything is written under a lease, and images are named from
 ``io.containerd.image.name``, ``org.opencontainers.image.ref.name`` (prefixed with the base
 name) or the docker ``RepoTags``.
+
+A failed import (a truncated or damaged tar, JSON that is not, a blob whose bytes do not match
+its name, a layer that does not unpack) records no image: images are stored only once every blob
+is in and every layer unpacked, and what was written before the failure is held by the import's
+lease alone, so the collector takes it once the lease is gone. A tar must end with its
+end-of-archive (zero) blocks: one that stops at a member boundary was cut short.
 """
 
 from __future__ import annotations
@@ -148,6 +154,7 @@ class ByteReader:
         self._chunks = chunks
         self._buf = bytearray()
         self._eof = False
+        self.consumed = 0  # bytes handed out so far
 
     async def _fill(self, n: int) -> None:
         while len(self._buf) < n and not self._eof:
@@ -162,6 +169,7 @@ class ByteReader:
             raise errdefs.InvalidArgument("archive is truncated")
         out = bytes(self._buf[:n])
         del self._buf[:n]
+        self.consumed += n
         return out
 
     async def read_some(self, limit: int) -> bytes:
@@ -171,6 +179,7 @@ class ByteReader:
             raise errdefs.InvalidArgument("archive is truncated")
         out = bytes(self._buf[:limit])
         del self._buf[: len(out)]
+        self.consumed += len(out)
         return out
 
     async def at_eof(self) -> bool:
@@ -209,7 +218,11 @@ async def _next_member(r: ByteReader) -> _Member | None:
     long_name = ""
     while True:
         if await r.at_eof():
-            return None
+            # Every tar writer ends with zero blocks: a stream that stops at a member boundary
+            # without them was cut short, and what it lacks may be what names the images.
+            if not r.consumed:
+                raise errdefs.InvalidArgument("archive is empty")
+            raise errdefs.InvalidArgument("archive is truncated: it ends without the end-of-archive blocks")
         block = await r.read_exact(tarfile.BLOCKSIZE)
         if block.count(0) == tarfile.BLOCKSIZE:
             return None  # the first of the two end blocks
@@ -239,6 +252,13 @@ async def _next_member(r: ByteReader) -> _Member | None:
 async def _skip(r: ByteReader, n: int) -> None:
     while n > 0:
         n -= len(await r.read_some(min(n, 1 << 20)))
+
+
+def _json(what: str, data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errdefs.InvalidArgument(f"archive {what}: not JSON: {e}") from None
 
 
 # -- export -----------------------------------------------------------------------------------------
@@ -420,21 +440,32 @@ class Importer:
         await self.db.update(lambda c: leasestore.create(c, ns, lease, {"containerd.io/gc.expire": expiry}))
         try:
             blobs, docs = await self._read_archive(ns, lease, ByteReader(chunks), progress)
-            if "index.json" in docs:
-                targets = self._oci_targets(docs["index.json"], blobs, opts)
-            elif "manifest.json" in docs:
-                targets = await self._docker_targets(ns, lease, docs["manifest.json"], blobs)
-            else:
-                raise errdefs.InvalidArgument("archive has neither index.json nor manifest.json")
-            out = []
-            for name, desc in targets:
-                manifests = await self._label_tree(ns, desc)
+            try:
+                if "index.json" in docs:
+                    targets = self._oci_targets(docs["index.json"], blobs, opts)
+                elif "manifest.json" in docs:
+                    targets = await self._docker_targets(ns, lease, docs["manifest.json"], blobs)
+                else:
+                    raise errdefs.InvalidArgument("archive has neither index.json nor manifest.json")
+            except (KeyError, TypeError, ValueError) as e:
+                doc = "index.json" if "index.json" in docs else "manifest.json"
+                raise errdefs.InvalidArgument(f"archive {doc}: invalid: {e!r}") from None
+            for _, desc in targets:
+                try:
+                    manifests = await self._label_tree(ns, desc)
+                except (KeyError, TypeError, ValueError) as e:
+                    raise errdefs.InvalidArgument(
+                        f"archive: image {desc['digest']}: invalid: {e!r}"
+                    ) from None
                 for plat, sn in opts.unpacks:
                     for mdesc, manifest in manifests:
                         p = _platform_of(mdesc)
                         if p is None or platforms.matches(p, plat):
                             await self._unpack(ns, lease, manifest, sn, progress)
                             break
+            # Only once everything is stored and unpacked: a failure above leaves no image.
+            out = []
+            for name, desc in targets:
                 img = await self._store_image(ns, name, desc, opts.labels)
                 progress("saved", img.name, 0, 0)
                 out.append(img)
@@ -502,6 +533,8 @@ class Importer:
                 await w.commit(m.size, expected, {})
             except errdefs.AlreadyExists:
                 pass  # the same bytes arrived meanwhile (or another member had them)
+            except errdefs.FailedPrecondition as e:
+                raise errdefs.FailedPrecondition(f"archive {m.name}: digest mismatch: {e.message}") from None
         except BaseException:
             w.close()
             await self.content.abort(ns, w.ingest.ref, lease)
@@ -514,7 +547,9 @@ class Importer:
     def _oci_targets(
         self, index_json: bytes, blobs: dict[str, _Blob], opts: ImportOptions
     ) -> list[tuple[str, dict[str, Any]]]:
-        index = json.loads(index_json)
+        index = _json("index.json", index_json)
+        if not isinstance(index, dict) or not isinstance(index.get("manifests", []), list):
+            raise errdefs.InvalidArgument("archive index.json: not an OCI image index")
         out = []
         for d in index.get("manifests", []):
             annotations = d.get("annotations") or {}
@@ -538,10 +573,13 @@ class Importer:
         from pyctr.daemon.remotes import reference as refmod
 
         out = []
-        for entry in json.loads(manifest_json):
+        entries = _json("manifest.json", manifest_json)
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise errdefs.InvalidArgument("archive manifest.json: not a list of docker image records")
+        for entry in entries:
             try:
-                config = blobs[os.path.normpath(entry["Config"])]
-                layers = [blobs[os.path.normpath(p)] for p in entry.get("Layers") or []]
+                config = blobs[os.path.normpath(str(entry["Config"]))]
+                layers = [blobs[os.path.normpath(str(p))] for p in entry.get("Layers") or []]
             except KeyError as e:
                 raise errdefs.NotFound(f"archive: {e.args[0]} named in manifest.json is missing") from None
             manifest = {
@@ -581,7 +619,7 @@ class Importer:
 
     async def _read_json(self, ns: str, dgst: str) -> Any:
         chunks = [c async for _, c in await self.content.read(ns, dgst)]
-        return json.loads(b"".join(chunks))
+        return _json(dgst, b"".join(chunks))
 
     async def _label(self, ns: str, dgst: str, labels: dict[str, str]) -> None:
         await unpack.label(self.content, ns, dgst, labels)

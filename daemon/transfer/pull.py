@@ -10,7 +10,8 @@ unpacked, snapshots named by chain ID, and the config labelled
 Everything happens under a lease (expiring after a day) so the collector leaves half-pulled
 content alone; the lease goes at the end, and the image record keeps what it references.
 Layers download in parallel (bounded) and are unpacked in order as soon as each has arrived.
-Concurrent pulls of the same blob in a namespace share one download.
+Concurrent pulls of the same blob in a namespace share one download; when it fails, each of the
+others tries on its own (the failure may be the first puller's credentials, not theirs).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -34,6 +35,7 @@ from pyctr.daemon.metadata import images as imagestore
 from pyctr.daemon.metadata import leases as leasestore
 from pyctr.daemon.metadata.db import DB
 from pyctr.daemon.remotes import reference as refmod
+from pyctr.daemon.remotes.auth import CredentialsFunc
 from pyctr.daemon.remotes.registry import Descriptor, RegistryClient
 from pyctr.daemon.snapshots.store import SnapshotStore
 from pyctr.daemon.transfer import unpack
@@ -63,6 +65,14 @@ class Progress:
 ProgressFunc = Callable[[Progress], None]
 
 
+class ClientFactory(Protocol):
+    """A new RegistryClient for one transfer, with the caller's credentials and headers."""
+
+    def __call__(
+        self, *, credentials: CredentialsFunc | None = None, headers: dict[str, str] | None = None
+    ) -> RegistryClient: ...
+
+
 @dataclass
 class PullOptions:
     platforms: list[platforms.Platform] = field(default_factory=lambda: [platforms.default()])
@@ -71,6 +81,8 @@ class PullOptions:
     snapshotter: str = "overlayfs"
     labels: dict[str, str] = field(default_factory=dict)
     name: str = ""  # store the image under this name instead of the reference
+    credentials: CredentialsFunc | None = None  # the caller's, asked per registry host
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every registry request
 
 
 def _platform_of(desc: Descriptor) -> platforms.Platform | None:
@@ -88,7 +100,7 @@ class Puller:
         snapshotters: dict[str, SnapshotStore],
         differ: Differ,
         exchange: Exchange,
-        client_factory: Callable[[], RegistryClient],
+        client_factory: ClientFactory,
     ) -> None:
         self.db = db
         self.content = content
@@ -110,7 +122,7 @@ class Puller:
             "%Y-%m-%dT%H:%M:%SZ"
         )
         await self.db.update(lambda c: leasestore.create(c, ns, lease, {"containerd.io/gc.expire": expiry}))
-        client = self.client_factory()
+        client = self.client_factory(credentials=opts.credentials, headers=opts.headers)
         try:
             report(Progress(f"Resolving from {ref}", str(ref)))
             _, top = await client.resolve(ref)
@@ -172,9 +184,16 @@ class Puller:
     ) -> None:
         """Fetch one blob into the store (shared with concurrent pulls of the same blob)."""
         key = (ns, desc.digest)
-        running = self._inflight.get(key)
-        if running is not None:
-            await asyncio.shield(running)
+        while (running := self._inflight.get(key)) is not None:
+            try:
+                await asyncio.shield(running)
+            except BaseException:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # we are the ones cancelled
+                # The other pull's failure (its credentials, its cancellation) need not be ours:
+                # fetch it ourselves (or wait for whoever started again first).
+                continue
             await self._ensure_labels(ns, desc.digest, labels)
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -122,3 +122,98 @@ def start(timeout: float = 15.0) -> Registry:
     text = reg.log()
     shutil.rmtree(base, ignore_errors=True)
     raise RuntimeError(f"docker-registry did not come up:\n{text}")
+
+
+# ------------------------------------------------------------------- a registry with basic auth
+
+AUTH_CONFIG = """auth:
+  htpasswd:
+    realm: pyctr-test
+    path: {htpasswd}
+"""
+
+
+def htpasswd_line(user: str, password: str) -> str:
+    """A bcrypt htpasswd line (the registry accepts nothing else): ``htpasswd``, else libcrypt."""
+    if shutil.which("htpasswd"):
+        out = subprocess.run(
+            ["htpasswd", "-nbB", "-C", "4", user, password], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import crypt  # deprecated, gone in 3.13; bcrypt through libxcrypt
+
+    return f"{user}:{crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=16))}"
+
+
+def _serves(port: int) -> bool:
+    """Any HTTP answer on /v2/ (401 included: the registry is up and asks for credentials)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(f"http://127.0.0.1:{port}/v2/", timeout=1):
+            return True
+    except urllib.error.HTTPError:
+        return True
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def start_with_htpasswd(user: str, password: str, timeout: float = 15.0) -> Registry:
+    """docker-registry on 127.0.0.1 that wants ``user``/``password`` (Basic) for everything."""
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        raise FileNotFoundError("docker-registry is not installed")
+    base = tempfile.mkdtemp(prefix="registry-auth-", dir="/tmp")
+    htpasswd = os.path.join(base, "htpasswd")
+    with open(htpasswd, "w") as f:
+        f.write(htpasswd_line(user, password) + "\n")
+    for _ in range(3):  # the free port can be taken between probing and binding
+        port = free_port()
+        cfg = os.path.join(base, "config.yml")
+        with open(cfg, "w") as f:
+            f.write(CONFIG.format(storage=os.path.join(base, "storage"), port=port))
+            f.write(AUTH_CONFIG.format(htpasswd=htpasswd))
+        log_path = os.path.join(base, "registry.log")
+        with open(log_path, "ab") as logf:
+            proc = subprocess.Popen(
+                [exe, "serve", cfg], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+        reg = Registry(base, port, proc, log_path)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _serves(port):
+                return reg
+            time.sleep(0.05)
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(5)
+    text = reg.log()
+    shutil.rmtree(base, ignore_errors=True)
+    raise RuntimeError(f"docker-registry (htpasswd) did not come up:\n{text}")
+
+
+def push_with_credentials(
+    reg: Registry, layout: str, repo: str, user: str, password: str, tag: str = "latest"
+) -> str:
+    """``Registry.push`` for a registry that wants credentials; returns the reference."""
+    res = subprocess.run(
+        [
+            "skopeo",
+            "--insecure-policy",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            f"--dest-creds={user}:{password}",
+            f"oci:{layout}:latest",
+            f"docker://{reg.ref(repo, tag)}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if res.returncode != 0:
+        raise RuntimeError(f"skopeo push of {layout} failed: {res.stderr.strip()}")
+    return reg.ref(repo, tag)

@@ -1,0 +1,188 @@
+"""Registry credentials on the client side: ``--user`` and Docker's ``config.json``.
+
+The daemon pulls and pushes, but the credentials are the user's: it asks for them per registry
+host on the transfer's auth stream (the protocol is in pyctr.daemon.transfer.streams), and pyctr
+answers from here, in this order:
+
+    --user user[:password]   for every host the transfer talks to, as ctr's ``--user``; without
+                             a password, it is asked for on the terminal (no echo)
+    config.json              ``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``:
+                             ``credHelpers`` for the host, then ``credsStore``, then ``auths``
+                             (``auth`` = base64 of user:password, or ``username`` and
+                             ``password``, or an ``identitytoken``)
+
+A host's key in ``auths`` may be spelt ``127.0.0.1:5000``, ``https://127.0.0.1:5000/v1/`` and so
+on; Docker Hub's ``https://index.docker.io/v1/`` also answers for docker.io and
+registry-1.docker.io. Secrets never reach a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import getpass
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from pyctr.api.errdefs import InvalidArgument
+
+DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
+DOCKER_HUB_KEY = "https://index.docker.io/v1/"  # what Docker calls Docker Hub in config.json
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str  # "" with a secret: the secret is an identity (refresh) token
+    secret: str
+
+    def __repr__(self) -> str:  # keep secrets out of tracebacks
+        return f"Credentials(username={self.username!r}, secret=***)"
+
+
+def parse_user(value: str) -> tuple[str, str | None]:
+    """``user:password`` -> (user, password); ``user`` or ``user:`` -> (user, None), as ctr reads it."""
+    user, sep, password = value.partition(":")
+    if not user:
+        raise InvalidArgument("--user: the user name is empty")
+    return user, (password if sep and password else None)
+
+
+def prompt_password(user: str) -> str:
+    """The password for ``user`` from the terminal, without echo, as ctr asks for it."""
+    if not sys.stdin.isatty():
+        raise InvalidArgument(
+            f"--user {user}: no password given and stdin is not a terminal to ask on "
+            "(use --user user:password)"
+        )
+    return getpass.getpass("Password: ")
+
+
+def config_path() -> str:
+    base = os.environ.get("DOCKER_CONFIG") or os.path.join(os.path.expanduser("~"), ".docker")
+    return os.path.join(base, "config.json")
+
+
+def _key_host(key: str) -> str:
+    """A config.json key ("https://host/v1/", "host", "http://host:5000") as a bare host."""
+    if "://" in key:
+        return urlsplit(key).netloc
+    return key.split("/", 1)[0]
+
+
+def _same_registry(a: str, b: str) -> bool:
+    return a == b or (a in DOCKER_HUB_ALIASES and b in DOCKER_HUB_ALIASES)
+
+
+def _auth_entry(key: str, entry: dict[str, Any]) -> Credentials | None:
+    if entry.get("identitytoken"):
+        return Credentials("", str(entry["identitytoken"]))
+    if entry.get("auth"):
+        try:
+            raw = base64.b64decode(str(entry["auth"]), validate=False).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            raise InvalidArgument(
+                f"docker config: auths[{key!r}]: auth is not base64 of user:password"
+            ) from None
+        user, sep, secret = raw.partition(":")
+        if not sep:
+            raise InvalidArgument(f"docker config: auths[{key!r}]: auth has no ':' between user and password")
+        return Credentials(user, secret)
+    if entry.get("username") or entry.get("password"):
+        return Credentials(str(entry.get("username", "")), str(entry.get("password", "")))
+    return None
+
+
+def _run_helper(helper: str, server: str) -> Credentials | None:
+    """``docker-credential-<helper> get`` with the server on stdin (Docker's helper protocol)."""
+    exe = shutil.which(f"docker-credential-{helper}")
+    if exe is None:
+        raise InvalidArgument(f"docker config: credential helper docker-credential-{helper} is not installed")
+    try:
+        res = subprocess.run([exe, "get"], input=server, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise InvalidArgument(f"docker-credential-{helper}: {e}") from None
+    if res.returncode != 0:
+        return None  # "credentials not found in native keychain": the helper's way to say none
+    try:
+        out = json.loads(res.stdout)
+        user, secret = str(out.get("Username", "")), str(out.get("Secret", ""))
+    except (ValueError, AttributeError):
+        raise InvalidArgument(f"docker-credential-{helper}: its answer is not the JSON expected") from None
+    if user == "<token>":  # Docker's marker for an identity token
+        user = ""
+    return Credentials(user, secret) if secret else None
+
+
+class DockerConfig:
+    """A parsed config.json (read once per command); ``lookup`` may run a credential helper."""
+
+    def __init__(self, doc: dict[str, Any], path: str) -> None:
+        self.doc = doc
+        self.path = path
+
+    @classmethod
+    def load(cls, path: str | None = None) -> DockerConfig | None:
+        """The config file, or None when there is none; InvalidArgument when it is not JSON."""
+        path = path or config_path()
+        try:
+            with open(path, "rb") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"docker config {path}: not JSON: {e}") from None
+        if not isinstance(doc, dict):
+            raise InvalidArgument(f"docker config {path}: not a JSON object")
+        return cls(doc, path)
+
+    def lookup(self, host: str) -> Credentials | None:
+        """Credentials for a registry ``host[:port]`` (blocking: a helper is a program)."""
+        server = DOCKER_HUB_KEY if host in DOCKER_HUB_ALIASES else host
+        for key, helper in (self.doc.get("credHelpers") or {}).items():
+            if _same_registry(_key_host(key), host):
+                return _run_helper(str(helper), server)
+        if self.doc.get("credsStore"):
+            found = _run_helper(str(self.doc["credsStore"]), server)
+            if found is not None:
+                return found
+        auths = self.doc.get("auths") or {}
+        if isinstance(auths.get(host), dict):  # the exact key first, then any spelling of it
+            return _auth_entry(host, auths[host])
+        for key, entry in auths.items():
+            if isinstance(entry, dict) and _same_registry(_key_host(key), host):
+                return _auth_entry(key, entry)
+        return None
+
+
+class CredentialSource:
+    """What pyctr answers the daemon with: ``--user`` for every host, else the Docker config."""
+
+    def __init__(self, user: Credentials | None, config: DockerConfig | None) -> None:
+        self.user = user
+        self.config = config
+
+    @classmethod
+    def from_args(cls, user: str) -> CredentialSource:
+        """From ``--user`` (prompting for a missing password) and the Docker config file."""
+        if user:
+            name, password = parse_user(user)
+            if password is None:
+                password = prompt_password(name)
+            return cls(Credentials(name, password), None)
+        return cls(None, DockerConfig.load())
+
+    @property
+    def empty(self) -> bool:
+        """Nothing to offer: no need for an auth stream at all."""
+        return self.user is None and self.config is None
+
+    def lookup(self, host: str) -> Credentials | None:
+        if self.user is not None:
+            return self.user
+        return self.config.lookup(host) if self.config is not None else None
