@@ -7,6 +7,7 @@ from the shims themselves, over the ttrpc Events.Forward endpoint.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 
@@ -122,12 +123,19 @@ class TasksService(pb.TasksBase):
 
     async def list(self, message: pb.ListTasksRequest) -> pb.ListTasksResponse:
         ns = namespaces.required()
-        out = []
-        for t in self.runtime.list(ns):
+        tasks = self.runtime.list(ns)
+
+        async def state(t: Task) -> task.StateResponse:
             assert t.shim is not None
-            try:
-                st = await t.shim.call("State", task.StateRequest(id=t.id), task.StateResponse, timeout=10)
-            except Exception:
+            return await t.shim.call("State", task.StateRequest(id=t.id), task.StateResponse, timeout=10)
+
+        # Every shim at once: each answers in its own process, so the list costs one round trip.
+        states = await asyncio.gather(*(state(t) for t in tasks), return_exceptions=True)
+        out = []
+        for t, st in zip(tasks, states, strict=True):
+            if isinstance(st, BaseException):
+                if not isinstance(st, Exception):
+                    raise st  # cancellation of the call itself
                 continue  # a task going away while we list it is simply not listed
             out.append(_process(t.id, "", st))
         return pb.ListTasksResponse(tasks=out)
@@ -204,17 +212,22 @@ class TasksService(pb.TasksBase):
     async def metrics(self, message: pb.MetricsRequest) -> pb.MetricsResponse:
         ns = namespaces.required()
         flt = filters.parse_all(message.filters)
-        out = []
-        for t in self.runtime.list(ns):
-            if not flt.match(filters.DictAdaptor({"id": t.id, "namespace": t.namespace})):
-                continue
+        tasks = [
+            t
+            for t in self.runtime.list(ns)
+            if flt.match(filters.DictAdaptor({"id": t.id, "namespace": t.namespace}))
+        ]
+
+        async def stats(t: Task) -> Metric | None:
             assert t.shim is not None
             try:
-                stats = await t.shim.call("Stats", task.StatsRequest(id=t.id), task.StatsResponse, timeout=10)
+                resp = await t.shim.call("Stats", task.StatsRequest(id=t.id), task.StatsResponse, timeout=10)
             except NotFound:
-                continue
-            out.append(Metric(timestamp=pbutil.timestamp(time.time_ns()), id=t.id, data=stats.stats))
-        return pb.MetricsResponse(metrics=out)
+                return None  # deleted meanwhile
+            return Metric(timestamp=pbutil.timestamp(time.time_ns()), id=t.id, data=resp.stats)
+
+        found = await asyncio.gather(*(stats(t) for t in tasks))
+        return pb.MetricsResponse(metrics=[m for m in found if m is not None])
 
     async def wait(self, message: pb.WaitRequest) -> pb.WaitResponse:
         _, shim = await self._task(message.container_id)
