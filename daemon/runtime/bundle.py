@@ -47,27 +47,32 @@ class Bundle:
         A rootfs still mounted (a shim that died before unmounting it) is detached first, so the
         removal never reaches into the container's filesystem.
         """
+        table = _mount_targets()  # read once: with many containers running it is long
         for path in (self.path, self.work):
             doomed = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
-            unmount(doomed)  # debris of an earlier delete may still hold a mount
-            shutil.rmtree(doomed, ignore_errors=True)
+            if os.path.lexists(doomed):  # debris of an earlier delete, which may still hold a mount
+                unmount(doomed, table)
+                shutil.rmtree(doomed, ignore_errors=True)
             if not os.path.lexists(path):
                 continue
-            unmount(path)
+            unmount(path, table)
             os.rename(path, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
 
-def unmount(path: str) -> None:
+def unmount(path: str, table: list[str] | None = None) -> None:
     """Lazily detach everything mounted at or below ``path``, every layer of it, deepest first.
 
-    Mounts are read from /proc/self/mountinfo: ``os.path.ismount`` misses a bind mount from the
-    same filesystem (the native snapshotter's rootfs), and rmtree would then delete through it.
+    Mounts are read from /proc/self/mountinfo (or ``table``, a fresh read of it, for the first
+    pass): ``os.path.ismount`` misses a bind mount from the same filesystem (the native
+    snapshotter's rootfs), and rmtree would then delete through it.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     real = os.path.realpath(path)
     for _ in range(100):  # stacked mounts come off one layer per pass
-        targets = [t for t in _mount_targets() if t == real or t.startswith(real + "/")]
+        mounts = table if table is not None else _mount_targets()
+        table = None
+        targets = [t for t in mounts if t == real or t.startswith(real + "/")]
         if not targets:
             return
         for target in sorted(targets, key=len, reverse=True):
@@ -78,11 +83,14 @@ def unmount(path: str) -> None:
     raise OSError(errno.EBUSY, f"unmount {path}: mounts keep coming back")
 
 
+_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _mount_targets() -> list[str]:
     """Mount points of this mount namespace (mountinfo escapes space, tab, newline, backslash)."""
     with open("/proc/self/mountinfo") as f:
         fields = [line.split(" ", 5)[4] for line in f]
-    return [re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), t) for t in fields]
+    return [_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), t) if "\\" in t else t for t in fields]
 
 
 def bundle_for(state: str, root: str, ns: str, task_id: str) -> Bundle:
