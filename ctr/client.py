@@ -7,24 +7,26 @@ the way ``ctr`` does.
 from __future__ import annotations
 
 import os
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from grpclib.client import Channel
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from pyctr.api import errdefs, namespaces
-from pyctr.api._pb.containerd.services.containers.v1 import ContainersStub
-from pyctr.api._pb.containerd.services.content.v1 import ContentStub
-from pyctr.api._pb.containerd.services.events.v1 import EventsStub
-from pyctr.api._pb.containerd.services.images.v1 import ImagesStub
-from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
-from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
-from pyctr.api._pb.containerd.services.namespaces.v1 import NamespacesStub
-from pyctr.api._pb.containerd.services.snapshots.v1 import SnapshotsStub
-from pyctr.api._pb.containerd.services.streaming.v1 import StreamingStub
-from pyctr.api._pb.containerd.services.tasks.v1 import TasksStub
-from pyctr.api._pb.containerd.services.transfer.v1 import TransferStub
-from pyctr.api._pb.containerd.services.version.v1 import VersionStub
+
+if TYPE_CHECKING:  # the stubs are imported by the property that returns one
+    from pyctr.api._pb.containerd.services.containers.v1 import ContainersStub
+    from pyctr.api._pb.containerd.services.content.v1 import ContentStub
+    from pyctr.api._pb.containerd.services.events.v1 import EventsStub
+    from pyctr.api._pb.containerd.services.images.v1 import ImagesStub
+    from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
+    from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
+    from pyctr.api._pb.containerd.services.namespaces.v1 import NamespacesStub
+    from pyctr.api._pb.containerd.services.snapshots.v1 import SnapshotsStub
+    from pyctr.api._pb.containerd.services.streaming.v1 import StreamingStub
+    from pyctr.api._pb.containerd.services.tasks.v1 import TasksStub
+    from pyctr.api._pb.containerd.services.transfer.v1 import TransferStub
+    from pyctr.api._pb.containerd.services.version.v1 import VersionStub
 
 DEFAULT_ADDRESS = "/run/pyctrd/pyctrd.sock"
 S = TypeVar("S")
@@ -49,50 +51,74 @@ class Client:
 
     @property
     def version(self) -> VersionStub:
+        from pyctr.api._pb.containerd.services.version.v1 import VersionStub
+
         return self.stub(VersionStub)
 
     @property
     def namespaces(self) -> NamespacesStub:
+        from pyctr.api._pb.containerd.services.namespaces.v1 import NamespacesStub
+
         return self.stub(NamespacesStub)
 
     @property
     def introspection(self) -> IntrospectionStub:
+        from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
+
         return self.stub(IntrospectionStub)
 
     @property
     def leases(self) -> LeasesStub:
+        from pyctr.api._pb.containerd.services.leases.v1 import LeasesStub
+
         return self.stub(LeasesStub)
 
     @property
     def content(self) -> ContentStub:
+        from pyctr.api._pb.containerd.services.content.v1 import ContentStub
+
         return self.stub(ContentStub)
 
     @property
     def snapshots(self) -> SnapshotsStub:
+        from pyctr.api._pb.containerd.services.snapshots.v1 import SnapshotsStub
+
         return self.stub(SnapshotsStub)
 
     @property
     def containers(self) -> ContainersStub:
+        from pyctr.api._pb.containerd.services.containers.v1 import ContainersStub
+
         return self.stub(ContainersStub)
 
     @property
     def tasks(self) -> TasksStub:
+        from pyctr.api._pb.containerd.services.tasks.v1 import TasksStub
+
         return self.stub(TasksStub)
 
     @property
     def images(self) -> ImagesStub:
+        from pyctr.api._pb.containerd.services.images.v1 import ImagesStub
+
         return self.stub(ImagesStub)
 
     @property
     def transfer(self) -> TransferStub:
+        from pyctr.api._pb.containerd.services.transfer.v1 import TransferStub
+
         return self.stub(TransferStub)
 
     @property
     def streaming(self) -> StreamingStub:
+        from pyctr.api._pb.containerd.services.streaming.v1 import StreamingStub
+
         return self.stub(StreamingStub)
 
     @property
     def events(self) -> EventsStub:
+        from pyctr.api._pb.containerd.services.events.v1 import EventsStub
+
         return self.stub(EventsStub)
 
     def close(self) -> None:

@@ -7,30 +7,66 @@ Each noun lives in ``ctr/commands/<noun>.py`` and registers its verbs on the par
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from collections.abc import Sequence
 
 from pyctr.api import errdefs
-from pyctr.ctr.client import Client, default_address, translate
-from pyctr.ctr.commands import (
-    containers,
-    content,
-    events,
-    images,
-    leases,
-    namespaces,
-    plugins,
-    run,
-    snapshots,
-    tasks,
-    version,
-)
 
-COMMANDS = [version, namespaces, plugins, leases, content, snapshots, images, containers, tasks, run, events]
+# Each command module, the names it registers and their help. Only the module of the command
+# being run is imported (with the generated messages it needs): `pyctr version` need not load
+# what `pyctr images pull` does. The others are listed by name so that help and errors still
+# know them.
+COMMANDS: list[tuple[str, list[tuple[str, list[str], str]]]] = [
+    ("version", [("version", [], "print the client and server versions")]),
+    ("namespaces", [("namespaces", ["namespace", "ns"], "manage namespaces")]),
+    ("plugins", [("plugins", ["plugin"], "provides information about daemon plugins")]),
+    ("leases", [("leases", ["lease"], "manage leases")]),
+    ("content", [("content", [], "manage content")]),
+    ("snapshots", [("snapshots", ["snapshot"], "manage snapshots")]),
+    ("images", [("images", ["image", "i"], "manage images")]),
+    ("containers", [("containers", ["container", "c"], "manage containers")]),
+    (
+        "tasks",
+        [
+            ("tasks", ["task", "t"], "manage tasks"),
+            ("ps", [], "list a task's processes"),
+            ("kill", [], "signal a task (default: its stop signal, else SIGTERM)"),
+            ("attach", [], "attach to a running task's stdio"),
+            ("exec", [], "run another process in a running task"),
+        ],
+    ),
+    ("run", [("run", [], "run a container from an image")]),
+    ("events", [("events", ["event"], "display events (filters: topic==…, namespace==…)")]),
+]
+_GLOBAL_WITH_VALUE = {"-a", "--address", "-n", "--namespace", "--timeout"}
 
 
-def parser() -> argparse.ArgumentParser:
+def _command_word(argv: Sequence[str]) -> str:
+    """The first argument that is not a global option (or its value): the command."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _GLOBAL_WITH_VALUE:
+            skip = True
+        elif not arg.startswith("-"):
+            return arg
+    return ""
+
+
+def _module_for(word: str) -> str:
+    for module, names in COMMANDS:
+        if any(word == name or word in aliases for name, aliases, _ in names):
+            return module
+    return ""
+
+
+def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser for the command in ``argv`` (default: every command, fully registered)."""
+    from pyctr.ctr.client import default_address
+
     p = argparse.ArgumentParser(prog="pyctr", description="pyctr: a client for pyctrd and containerd")
     p.add_argument(
         "-a",
@@ -46,12 +82,19 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--timeout", type=float, default=0.0, help="timeout for each call in seconds (0: none)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for mod in COMMANDS:
-        mod.register(sub)
+    wanted = None if argv is None else _module_for(_command_word(argv))
+    for module, names in COMMANDS:
+        if wanted is None or module == wanted:
+            importlib.import_module(f"pyctr.ctr.commands.{module}").register(sub)
+        else:
+            for name, aliases, text in names:
+                sub.add_parser(name, aliases=aliases, help=text, add_help=False)
     return p
 
 
 async def _run(args: argparse.Namespace) -> int:
+    from pyctr.ctr.client import Client
+
     client = Client(args.address, args.namespace, args.timeout or None)
     try:
         result = await args.func(args, client)
@@ -61,7 +104,8 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser(argv).parse_args(argv)
     try:
         import uvloop
 
@@ -71,10 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except (errdefs.ContainerdError, OSError, TimeoutError, ValueError) as exc:
+        from pyctr.ctr.client import translate
+
         err = translate(exc, args.address)
         print(f"pyctr: {err}", file=sys.stderr)
         return 1
     except Exception as exc:
+        from pyctr.ctr.client import translate
+
         err = translate(exc, args.address)
         if err is exc:
             raise
