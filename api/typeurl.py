@@ -8,7 +8,6 @@ generated code's message pool knows every generated message under the prefixed U
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from typing import Any
 
 from betterproto2 import Message
@@ -26,6 +25,8 @@ def _pool() -> Any:
     from pyctr.api._pb.message_pool import default_message_pool
 
     if not _loaded:
+        import pkgutil  # here: only the first lookup of an unknown type needs it
+
         for mod in pkgutil.walk_packages(_pb.__path__, _pb.__name__ + "."):
             importlib.import_module(mod.name)
         _loaded = True
