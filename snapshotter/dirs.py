@@ -24,6 +24,10 @@ from pyctr.snapshotter.base import Info, Kind, Usage, inherited_labels
 class DirSnapshotter:
     """Common logic; subclasses provide :meth:`_mounts` and :meth:`_populate`."""
 
+    # Whether _populate is slow enough for a worker thread (a tree copy), or a few mkdirs that
+    # take less time than the hop to a thread would.
+    populate_blocks = True
+
     def __init__(self, root: str, store: storage.Storage) -> None:
         self.root = root
         self.store = store
@@ -61,6 +65,9 @@ class DirSnapshotter:
         sid, info, usage = await self.store.tx(lambda c: storage.get_info(c, key))
         if info.kind == Kind.ACTIVE:
             return await asyncio.to_thread(fs.disk_usage, self.fs_path(sid))
+        if usage == storage.UNMEASURED:  # committed, not asked for yet: its files hold still
+            usage = await asyncio.to_thread(fs.disk_usage, self.fs_path(sid))
+            await self.store.tx(lambda c: storage.set_usage(c, sid, usage))
         return usage
 
     async def mounts(self, key: str) -> list[Mount]:
@@ -78,7 +85,10 @@ class DirSnapshotter:
         try:
             s = await self.store.tx(lambda c: storage.create(c, kind, key, parent, inherited_labels(labels)))
             try:
-                await asyncio.to_thread(self._populate, tmp, s)
+                if self.populate_blocks:
+                    await asyncio.to_thread(self._populate, tmp, s)
+                else:
+                    self._populate(tmp, s)
                 os.rename(tmp, os.path.join(self.root, "snapshots", str(s.id)))
             except BaseException:
                 await self.store.tx(lambda c: storage.remove(c, key))
@@ -89,9 +99,9 @@ class DirSnapshotter:
         return self._mounts(s)
 
     async def commit(self, name: str, key: str, labels: Mapping[str, str]) -> None:
-        s = await self.store.tx(lambda c: storage.get_snapshot(c, key))
-        usage = await asyncio.to_thread(fs.disk_usage, self.fs_path(s.id))
-        await self.store.tx(lambda c: storage.commit_active(c, key, name, usage, inherited_labels(labels)))
+        # One transaction; the usage is measured when first asked for (see storage.py).
+        lbls = inherited_labels(labels)
+        await self.store.tx(lambda c: storage.commit_active(c, key, name, storage.UNMEASURED, lbls))
 
     async def remove(self, key: str) -> None:
         sid, _ = await self.store.tx(lambda c: storage.remove(c, key))

@@ -59,6 +59,7 @@ def check_supported(root: str) -> None:
 class OverlaySnapshotter(DirSnapshotter):
     index_off = supports_index_off()
     userxattr = in_user_namespace()
+    populate_blocks = False  # two mkdirs
 
     def _populate(self, tmp: str, s: storage.Snapshot) -> None:
         os.makedirs(os.path.join(tmp, "fs"), mode=0o755)

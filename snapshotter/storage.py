@@ -8,6 +8,10 @@ Schema (version 1):
 Ids name the on-disk directories (``snapshots/<id>``) and are never reused, so a directory
 left over from a crash can be told apart from a live one. Parents are referenced by id; a
 snapshot with children cannot be removed. Calls run on one thread that owns the connection.
+
+``size`` and ``inodes`` of a committed snapshot are measured the first time someone asks
+(``UNMEASURED``, -1, until then): its files no longer change, and walking a 20,000-file layer at
+commit time would delay every unpack for a number hardly anyone reads. Views keep 0.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from pyctr.api.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument
 from pyctr.snapshotter.base import Info, Kind, Usage
 
 T = TypeVar("T")
+
+UNMEASURED = Usage(-1, -1)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS snapshots (
@@ -189,6 +195,10 @@ def commit_active(
         (name, int(Kind.COMMITTED), json.dumps(merged), time.time_ns(), usage.size, usage.inodes, row["id"]),
     )
     return int(row["id"])
+
+
+def set_usage(conn: sqlite3.Connection, sid: int, usage: Usage) -> None:
+    conn.execute("UPDATE snapshots SET size = ?, inodes = ? WHERE id = ?", (usage.size, usage.inodes, sid))
 
 
 def remove(conn: sqlite3.Connection, key: str) -> tuple[int, Kind]:

@@ -61,6 +61,17 @@ def _lease_add(conn: sqlite3.Connection, ns: str, lease: str, sn: str, key: str)
     )
 
 
+def committed_backend_key(bkey: str, key: str, name: str) -> str:
+    """The backend key of active ``key`` (backend key ``bkey``) once committed as ``name``: the
+    same ``<namespace>/<seq>/`` prefix with the new name. The sequence number was drawn for the
+    active snapshot, which the commit consumes, so the result is as unique as a fresh number would
+    be, and costs no write."""
+    prefix = bkey.removesuffix(key)
+    if prefix == bkey or not prefix.endswith("/"):
+        raise FailedPrecondition(f"backend key {bkey!r} of snapshot {goquote(key)} is not <ns>/<seq>/<key>")
+    return prefix + name
+
+
 def adaptor(info: Info) -> filters.DictAdaptor:
     return filters.DictAdaptor(
         {
@@ -78,6 +89,9 @@ class SnapshotStore:
         self.backend = backend
         self.db = db
         self.on_delete: Callable[[str, str], None] = lambda ns, key: None
+        # (namespace, key) of the names a commit in flight consumes and creates: a prepare or
+        # another commit must not take them between the commit's check and its publish.
+        self._reserved: set[tuple[str, str]] = set()
 
     async def _backend_key(self, ns: str, key: str) -> tuple[str, Info]:
         def tx(c: sqlite3.Connection) -> tuple[str, Info]:
@@ -139,6 +153,8 @@ class SnapshotStore:
         if not key:
             raise InvalidArgument("snapshot key must not be empty")
         labels.validate_all(lbls, "info.Labels")
+        if (ns, key) in self._reserved:
+            raise AlreadyExists(f"snapshot {goquote(key)}")
         sn = self.name
 
         def reserve(c: sqlite3.Connection) -> tuple[str, str]:
@@ -198,7 +214,9 @@ class SnapshotStore:
         labels.validate_all(lbls, "info.Labels")
         sn = self.name
 
-        def check(c: sqlite3.Connection) -> tuple[str, str, str]:
+        # A read, so no commit (and no fsync) of its own; what it checked holds until publish,
+        # because this process is the only writer and the names in flight are reserved below.
+        def check(c: sqlite3.Connection) -> tuple[str, str]:
             if c.execute(
                 "SELECT 1 FROM snapshots WHERE namespace = ? AND snapshotter = ? AND key = ?", (ns, sn, name)
             ).fetchone():
@@ -208,8 +226,7 @@ class SnapshotStore:
                 raise FailedPrecondition(f"snapshot {goquote(key)} is not active")
             if lease and not lease_exists(c, ns, lease):
                 raise NotFound("lease does not exist")
-            bname = f"{ns}/{next_sequence(c, 'snapshots/' + sn)}/{name}"
-            return row["backend_key"], bname, row["parent"]
+            return row["backend_key"], row["parent"]
 
         def publish(c: sqlite3.Connection, bname: str, parent: str) -> None:
             c.execute(
@@ -227,10 +244,20 @@ class SnapshotStore:
                 (ns, sn, name, bname, parent, int(Kind.COMMITTED), dump_labels(dict(lbls)), t, t),
             )
 
-        async with self.db.gc_lock.reader():
-            bkey, bname, parent = await self.db.update(check)
-            await self.backend.commit(bname, bkey, lbls)
-            await self.db.update(lambda c: publish(c, bname, parent))
+        if (ns, name) in self._reserved:
+            raise AlreadyExists(f"snapshot {goquote(name)}")
+        if (ns, key) in self._reserved:
+            raise FailedPrecondition(f"snapshot {goquote(key)} is not active")
+        reserved = {(ns, name), (ns, key)}
+        self._reserved |= reserved
+        try:
+            async with self.db.gc_lock.reader():
+                bkey, parent = await self.db.view(check)
+                bname = committed_backend_key(bkey, key, name)
+                await self.backend.commit(bname, bkey, lbls)
+                await self.db.update(lambda c: publish(c, bname, parent))
+        finally:
+            self._reserved -= reserved
 
     async def remove(self, ns: str, key: str) -> None:
         sn = self.name

@@ -62,6 +62,7 @@ async def apply_layer(
         pass
     key = f"{random_id('extract')} {chain}"
     mounts = await store.prepare(ns, key, parent, {}, lease)
+    committed = False
     try:
         applied = await differ.apply(ns, layer, mounts)
         if applied.digest != diff_id:
@@ -70,13 +71,15 @@ async def apply_layer(
             )
         try:
             await store.commit(ns, chain, key, {}, lease)
+            committed = True  # the commit consumed the extraction key
         except errdefs.AlreadyExists:
             pass  # unpacked concurrently by someone else: theirs is as good as ours
     finally:
-        try:
-            await store.remove(ns, key)  # gone already after a commit; removes a failed extraction
-        except errdefs.NotFound:
-            pass
+        if not committed:
+            try:
+                await store.remove(ns, key)  # a failed or superfluous extraction
+            except errdefs.NotFound:
+                pass
     await label(content, ns, layer.digest, {UNCOMPRESSED: diff_id})
     return True
 

@@ -111,6 +111,10 @@ def clean_path(name: str) -> str | None:
     components climb above the root. ``""`` is the root."""
     if "\x00" in name:
         return None
+    if name and "//" not in name and name[0] != "/" and name[-1] != "/":
+        wrapped = f"/{name}/"
+        if "/./" not in wrapped and "/../" not in wrapped:
+            return name  # already clean: the usual case
     parts: list[str] = []
     for part in name.split("/"):
         if part in ("", "."):
@@ -144,17 +148,18 @@ def plan_member(info: tarfile.TarInfo) -> Action:
     if path == "":
         return Skip(name, "resolves to the root")
     parent, base = split(path)
-    for part in parent.split("/"):
-        if part.startswith(WHITEOUT_META_PREFIX):
-            return Skip(name, "inside aufs metadata")
-        if part.startswith(WHITEOUT_PREFIX):
-            return Reject(name, "a whiteout used as a directory")
+    if WHITEOUT_PREFIX in parent:  # else no component can start with it
+        for part in parent.split("/"):
+            if part.startswith(WHITEOUT_META_PREFIX):
+                return Skip(name, "inside aufs metadata")
+            if part.startswith(WHITEOUT_PREFIX):
+                return Reject(name, "a whiteout used as a directory")
 
-    if base == WHITEOUT_OPAQUE:
-        return Opaque(parent)
-    if base.startswith(WHITEOUT_META_PREFIX):
-        return Skip(name, "aufs metadata")
     if base.startswith(WHITEOUT_PREFIX):
+        if base == WHITEOUT_OPAQUE:
+            return Opaque(parent)
+        if base.startswith(WHITEOUT_META_PREFIX):
+            return Skip(name, "aufs metadata")
         target = base[len(WHITEOUT_PREFIX) :]
         if target in ("", ".", ".."):
             return Reject(name, "whiteout names no entry of its directory")
@@ -181,17 +186,21 @@ def plan_member(info: tarfile.TarInfo) -> Action:
             return Reject(name, "hardlink to the root or to itself")
         linkname = link_target
 
-    mtime_ns = _bound(_pax_time_ns(info.pax_headers.get("mtime"), info.mtime))
-    atime_raw = info.pax_headers.get("atime")
-    # containerd sets atime to the later of atime and mtime; without one, atime is mtime.
-    atime_ns = max(_bound(_pax_time_ns(atime_raw, 0)), mtime_ns) if atime_raw is not None else mtime_ns
-    xattrs = tuple(
-        sorted(
-            (key[len(PAX_XATTR) :], value.encode("utf-8", "surrogateescape"))
-            for key, value in info.pax_headers.items()
-            if key.startswith(PAX_XATTR) and len(key) > len(PAX_XATTR)
+    pax = info.pax_headers
+    mtime_ns = _bound(_pax_time_ns(pax.get("mtime") if pax else None, info.mtime))
+    atime_ns = mtime_ns  # containerd sets atime to the later of atime and mtime; without one, mtime
+    xattrs: tuple[tuple[str, bytes], ...] = ()
+    if pax:
+        atime_raw = pax.get("atime")
+        if atime_raw is not None:
+            atime_ns = max(_bound(_pax_time_ns(atime_raw, 0)), mtime_ns)
+        xattrs = tuple(
+            sorted(
+                (key[len(PAX_XATTR) :], value.encode("utf-8", "surrogateescape"))
+                for key, value in pax.items()
+                if key.startswith(PAX_XATTR) and len(key) > len(PAX_XATTR)
+            )
         )
-    )
     entry = Entry(
         kind=kind,
         mode=info.mode & 0o7777,
