@@ -1,15 +1,30 @@
-"""The gRPC edge: the unix socket, per-request context, error mapping and graceful drain.
+"""The gRPC edge: the unix socket, HTTP/2, per-request context, error mapping and graceful drain.
 
-grpclib needs help in four places, each handled here once for every service:
-* request metadata: a ``RecvRequest`` listener (running in the handler's task) sets the
-  namespace and lease context variables, and wraps the handler so that categorised errors
-  become gRPC statuses in one place;
-* unknown services and methods: grpclib's own answer lacks ``content-type``, which the Go
-  client reports as a transport error instead of UNIMPLEMENTED, so lookups fall back to a
-  handler that raises UNIMPLEMENTED properly;
-* message size: a codec that refuses messages above the configured limit (Go clients refuse
-  replies above 16 MiB anyway);
+Services are the generated betterproto2 classes (``__mapping__()`` gives each method's handler,
+cardinality and message types); the handlers only ever call ``recv_message``, ``send_message``
+and iterate the stream, which is all :class:`ServerStream` offers. Underneath is our own lean
+HTTP/2 server rather than grpclib's: at containerd's call pattern (``ctr content get`` issues one
+Read RPC per 32 KiB) the per-call cost of grpclib + h2 (event objects, state machines, a queue
+per stream, one write per frame) set the figure. What it does, once for every service:
+
+* the ``containerd-namespace`` and ``containerd-lease`` headers become context variables of the
+  handler's task; a categorised error becomes a gRPC status in one place (:func:`grpc_error`);
+* unknown methods get UNIMPLEMENTED *with* ``content-type`` (the Go client reports a reply
+  without it as a transport error);
+* messages above the configured size are refused with RESOURCE_EXHAUSTED, and a body that is not
+  well-formed protobuf with INTERNAL, as grpc-go does;
+* a connection's output is collected and leaves in one ``writev``: once per loop iteration, or
+  as soon as the connection's last open call ends (a call costs one read and one write, and every
+  wake-up of the client counts on a busy 2-CPU machine); acks for what a read brought (SETTINGS,
+  PING, window updates) wait for the replies of the calls that read started;
+* flow control runs both ways: credit for received data is returned as handlers consume it
+  (data behind unread messages waits), and replies wait for the client's windows;
+* ``grpc-timeout`` cancels the handler and answers DEADLINE_EXCEEDED; RST_STREAM from the client,
+  its GOAWAY or a lost connection cancels it;
 * shutdown: stop accepting, let in-flight calls finish (bounded), then close.
+
+Requests that are not gRPC get grpclib's answers (405, 415, 400), so clients see what they saw.
+The frame layout and header encoding live in ``daemon/http2.py``.
 """
 
 from __future__ import annotations
@@ -18,19 +33,39 @@ import asyncio
 import errno
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Collection
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from grpclib.const import Cardinality, Handler, Status
+from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
-from grpclib.events import RecvRequest, listen
-from grpclib.exceptions import GRPCError
-from grpclib.server import Server, Stream
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from pyctr.api import errdefs, filters, namespaces
+from pyctr.daemon import http2
+from pyctr.daemon.http2 import H2Error
 
 log = structlog.get_logger("pyctrd.server")
+
+# Our side of flow control: what a client may send before we return credit (grpclib's defaults).
+STREAM_WINDOW = 4 << 20
+CONNECTION_WINDOW = 4 << 20
+MAX_CONCURRENT_STREAMS = 100
+MAX_HEADER_LIST_SIZE = 64 << 10
+CONTENT_TYPE = "application/grpc+proto"
+
+_INITIAL_SETTINGS = http2.settings_frame(
+    {
+        http2.SETTINGS_ENABLE_PUSH: 0,
+        http2.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+        http2.SETTINGS_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        http2.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+    }
+) + http2.window_update(0, CONNECTION_WINDOW - http2.DEFAULT_WINDOW)
+_SETTINGS_ACK = http2.frame(http2.SETTINGS, http2.ACK, 0)
+_REPLY_HEADERS = http2.STATUS_200 + http2.content_type(CONTENT_TYPE)
+_OK_TRAILERS = http2.status_fields(0, None)
 
 
 class SocketInUse(RuntimeError):
@@ -55,16 +90,16 @@ class LimitedCodec(ProtoCodec):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         if len(data) > self.max_recv:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED,
-                f"grpc: received message larger than max ({len(data)} vs. {self.max_recv})",
-            )
+            raise GRPCError(Status.RESOURCE_EXHAUSTED, self.too_large(len(data)))
         try:
             check_wire(data)
         except ValueError as exc:
             # grpc-go's answer to a body it cannot unmarshal.
             raise GRPCError(Status.INTERNAL, f"grpc: error unmarshalling request: {exc}") from None
         return super().decode(data, message_type)
+
+    def too_large(self, size: int) -> str:
+        return f"grpc: received message larger than max ({size} vs. {self.max_recv})"
 
 
 def _varint(buf: bytes, pos: int) -> tuple[int, int]:
@@ -107,27 +142,6 @@ def check_wire(buf: bytes) -> None:
             raise ValueError("unexpected EOF")
 
 
-class _Empty:
-    """Request type of the fallback handler; it is never decoded."""
-
-    @classmethod
-    def FromString(cls, data: bytes) -> _Empty:
-        return cls()
-
-
-class _FallbackMapping(dict[str, Handler]):
-    def get(self, key: str, default: Any = None) -> Handler:
-        found = super().get(key)
-        if found is not None:
-            return found
-
-        async def unimplemented(stream: Stream[Any, Any]) -> None:
-            service, _, method = key.lstrip("/").partition("/")
-            raise GRPCError(Status.UNIMPLEMENTED, f"unknown method {method} for service {service}")
-
-        return Handler(unimplemented, Cardinality.UNARY_UNARY, _Empty, _Empty)
-
-
 def grpc_error(exc: BaseException) -> GRPCError:
     """The one place where a handler's exception becomes a gRPC status."""
     if isinstance(exc, GRPCError):
@@ -136,13 +150,6 @@ def grpc_error(exc: BaseException) -> GRPCError:
         exc = errdefs.InvalidArgument(str(exc))
     code, message = errdefs.to_status(exc)
     return GRPCError(Status(code), message)
-
-
-def _first(metadata: Any, key: str) -> str:
-    value = metadata.get(key, "")
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    return str(value)
 
 
 def prepare_socket(path: str, uid: int = 0, gid: int = 0, mode: int = 0o660) -> socket.socket:
@@ -177,6 +184,818 @@ def prepare_socket(path: str, uid: int = 0, gid: int = 0, mode: int = 0o660) -> 
     return sock
 
 
+# -- requests --------------------------------------------------------------------------------------
+
+
+class _Call:
+    """What a request's header block asks for; cached with the block (see ``HeaderDecoder``)."""
+
+    __slots__ = ("abort", "fields", "handler", "lease", "namespace", "path", "timeout")
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self.fields = fields
+        self.path = ""
+        self.handler: Handler | None = None
+        self.namespace = ""
+        self.lease = ""
+        self.timeout: float | None = None
+        # (":status", grpc-status or None, grpc-message or None, with content-type) if refused
+        self.abort: tuple[int, int | None, str | None, bool] | None = None
+
+
+def _interpret(mapping: dict[str, Handler], fields: list[tuple[str, str]]) -> _Call:
+    """The checks grpclib's request handler makes, in its order, with its answers."""
+    call = _Call(fields)
+    method = content_type = te = timeout = namespace = lease = None
+    for name, value in fields:
+        # Pseudo-headers and grpclib's dict(headers) semantics: the last value wins...
+        if name == ":path":
+            call.path = value
+        elif name == ":method":
+            method = value
+        elif name == "content-type":
+            content_type = value
+        elif name == "te":
+            te = value
+        elif name == "grpc-timeout":
+            timeout = value
+        # ... while metadata lookups take the first.
+        elif name == namespaces.GRPC_HEADER:
+            if namespace is None:
+                namespace = call.namespace = value
+        elif name == namespaces.LEASE_HEADER:
+            if lease is None:
+                lease = call.lease = value
+    if method != "POST":
+        call.abort = (405, None, None, False)
+    elif content_type is None:
+        call.abort = (415, Status.UNKNOWN.value, "Missing content-type header", False)
+    elif _bad_content_type(content_type):
+        call.abort = (415, Status.UNKNOWN.value, "Unacceptable content-type header", False)
+    elif te != "trailers":
+        call.abort = (400, Status.UNKNOWN.value, 'Required "te: trailers" header is missing', False)
+    else:
+        call.handler = mapping.get(call.path)
+        if call.handler is None:
+            service, _, name = call.path.lstrip("/").partition("/")
+            message = f"unknown method {name} for service {service}"
+            call.abort = (200, Status.UNIMPLEMENTED.value, message, True)
+        elif timeout is not None:
+            try:
+                call.timeout = http2.parse_timeout(timeout)
+            except ValueError:
+                call.handler = None
+                call.abort = (200, Status.UNKNOWN.value, "Invalid grpc-timeout header", False)
+    return call
+
+
+def _bad_content_type(value: str) -> bool:
+    base, _, sub = value.partition("+")
+    return base != "application/grpc" or (sub or "proto") != "proto"
+
+
+class ServerStream:
+    """One call, as generated handlers see it: ``recv_message``, ``send_message``, iteration."""
+
+    __slots__ = (
+        "call",
+        "conn",
+        "deadline",
+        "deadline_hit",
+        "headers_sent",
+        "held",
+        "id",
+        "local_closed",
+        "messages",
+        "partial",
+        "partial_len",
+        "partial_need",
+        "recv_error",
+        "recv_unacked",
+        "recv_window",
+        "remote_closed",
+        "reset",
+        "send_window",
+        "sent",
+        "task",
+        "waiter",
+        "window_waiter",
+    )
+
+    def __init__(self, conn: _Connection, stream_id: int, call: _Call) -> None:
+        self.conn = conn
+        self.id = stream_id
+        self.call = call
+        self.task: asyncio.Task[None] | None = None
+        self.messages: deque[tuple[int, Any]] = deque()  # (compressed flag, body)
+        self.waiter: asyncio.Future[None] | None = None
+        self.remote_closed = False
+        self.local_closed = False
+        self.reset = False
+        self.headers_sent = False
+        self.sent = 0
+        self.send_window = conn.peer_initial_window
+        self.window_waiter: asyncio.Future[None] | None = None
+        self.recv_window = STREAM_WINDOW
+        self.recv_unacked = 0
+        self.held = 0  # received bytes whose credit waits until queued messages are consumed
+        self.partial: list[bytes | memoryview] = []
+        self.partial_len = 0
+        self.partial_need = 0
+        self.recv_error: GRPCError | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.deadline_hit = False
+
+    # -- the handler's side
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """Request metadata (first value per key), for handlers that want more than the namespace."""
+        out: dict[str, str] = {}
+        for k, v in self.call.fields:
+            if not k.startswith(":"):
+                out.setdefault(k, v)
+        return out
+
+    def __aiter__(self) -> ServerStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self.recv_message()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+    async def recv_message(self) -> Any:
+        while not self.messages:
+            if self.recv_error is not None:
+                raise self.recv_error
+            if self.remote_closed:
+                return None
+            self.waiter = self.conn.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        flag, body = self.messages.popleft()
+        if self.held:
+            self.conn.credit(self, self.held)
+            self.held = 0
+        if flag:
+            # What grpclib answered (it implements no compression, and neither do we).
+            raise GRPCError(Status.UNKNOWN, "Compression not implemented")
+        handler = self.call.handler
+        assert handler is not None
+        return self.conn.server.codec.decode(body, handler.request_type)
+
+    async def send_message(self, message: Any) -> None:
+        handler = self.call.handler
+        assert handler is not None
+        if self.sent and not handler.cardinality.server_streaming:
+            raise ProtocolError("Message was already sent")
+        data = self.conn.server.codec.encode(message, handler.reply_type)
+        conn = self.conn
+        if self.reset or conn.transport is None:
+            raise StreamTerminatedError("Stream reset by remote party")
+        if not self.headers_sent:
+            self.headers_sent = True
+            conn.write_headers(self, _REPLY_HEADERS, False)
+        await conn.send_data(self, http2.GRPC_PREFIX.pack(0, len(data)), data)
+        self.sent += 1
+
+    # -- the connection's side
+
+    def feed(self, data: bytes | memoryview) -> None:
+        """Reassemble gRPC messages (5-byte prefix + body) from DATA payloads."""
+        if self.recv_error is not None:
+            return
+        if self.partial:
+            self.partial.append(data)
+            self.partial_len += len(data)
+            if self.partial_len < self.partial_need:
+                return
+            data = b"".join(self.partial)
+            self.partial = []
+        n = len(data)
+        pos = 0
+        view = memoryview(data)
+        while pos < n:
+            if n - pos < 5:
+                self._keep(data[pos:], 5)
+                break
+            length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+            limit = self.conn.server.codec.max_recv
+            if length > limit:
+                # Refused on the prefix alone, as grpc-go does: nothing more is buffered.
+                self.recv_error = GRPCError(
+                    Status.RESOURCE_EXHAUSTED, self.conn.server.codec.too_large(length)
+                )
+                self.partial = []
+                break
+            end = pos + 5 + length
+            if end > n:
+                self._keep(data[pos:], 5 + length)
+                break
+            self.messages.append((data[pos], view[pos + 5 : end]))
+            pos = end
+        self.wake()
+
+    def _keep(self, rest: bytes | memoryview, need: int) -> None:
+        self.partial = [rest]
+        self.partial_len = len(rest)
+        self.partial_need = need
+
+    def wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def wake_sender(self) -> None:
+        if self.window_waiter is not None and not self.window_waiter.done():
+            self.window_waiter.set_result(None)
+
+    def expire(self) -> None:
+        self.deadline_hit = True
+        if self.task is not None:
+            self.task.cancel()
+
+
+# -- connections -----------------------------------------------------------------------------------
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: frames in, frames out, one task per call."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.inbuf = b""
+        self.preface = False
+        self.decoder = http2.HeaderDecoder(MAX_HEADER_LIST_SIZE)
+        self.streams: dict[int, ServerStream] = {}
+        self.last_stream_id = 0
+        self.out: list[Any] = []
+        self.flush_scheduled = False
+        self.receiving = False
+        self.writable = True
+        self.write_waiters: list[asyncio.Future[None]] = []
+        self.send_window = http2.DEFAULT_WINDOW
+        self.peer_initial_window = http2.DEFAULT_WINDOW
+        self.peer_max_frame = http2.DEFAULT_MAX_FRAME
+        self.blocked: set[ServerStream] = set()
+        self.recv_window = CONNECTION_WINDOW
+        self.recv_unacked = 0
+        self.continued: tuple[int, int, list[bytes]] | None = None  # stream, flags, block parts
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.server.connections.add(self)
+        self.transport.write(_INITIAL_SETTINGS)
+
+    def data_received(self, data: bytes) -> None:
+        # What this read makes us write (settings and ping acks, window updates) waits until
+        # the calls it started have run their first step, and leaves with their replies.
+        self.receiving = True
+        try:
+            self._receive(data)
+        except H2Error as exc:
+            log.debug("http2 connection error", code=exc.code, error=str(exc))
+            self.fail(exc.code, str(exc))
+        except Exception as exc:  # a bug here must cost this connection, never the daemon
+            log.warning("http2 connection failed", error=str(exc), exc_info=exc)
+            self.fail(http2.INTERNAL_ERROR, "internal error")
+        finally:
+            self.receiving = False
+            if self.out and not self.flush_scheduled:
+                self.flush_scheduled = True
+                self.loop.call_soon(self.flush)
+
+    def pause_writing(self) -> None:
+        self.writable = False
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        waiters, self.write_waiters = self.write_waiters, []
+        for w in waiters:
+            if not w.done():
+                w.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.server.connections.discard(self)
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for st in streams:
+            self._terminate(st)
+        self.resume_writing()
+        for st in self.blocked:
+            st.wake_sender()
+        self.blocked.clear()
+
+    # -- input
+
+    def _receive(self, data: bytes) -> None:
+        pos = 0
+        if not self.preface:
+            data = self.inbuf + data
+            self.inbuf = b""
+            if len(data) < len(http2.PREFACE):
+                if not http2.PREFACE.startswith(data):
+                    raise H2Error(http2.PROTOCOL_ERROR, "invalid connection preface")
+                self.inbuf = data
+                return
+            if not data.startswith(http2.PREFACE):
+                raise H2Error(http2.PROTOCOL_ERROR, "invalid connection preface")
+            self.preface = True
+            pos = len(http2.PREFACE)
+        elif self.inbuf:
+            # Complete the frame the last read cut, without copying the rest of this one.
+            head = self.inbuf
+            if len(head) < 9:
+                head += data[: 9 - len(head)]
+                pos = 9 - len(self.inbuf)
+                if len(head) < 9:
+                    self.inbuf = head
+                    return
+            length = (head[0] << 16) | (head[1] << 8) | head[2]
+            if length > http2.DEFAULT_MAX_FRAME:
+                raise H2Error(http2.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            need = 9 + length - len(head)
+            if len(data) - pos < need:
+                self.inbuf = head + data[pos:]
+                return
+            self.inbuf = b""
+            if not self._frames(head + data[pos : pos + need], 0):
+                return
+            pos += need
+        self._frames(data, pos)
+
+    def _frames(self, data: bytes, pos: int) -> bool:
+        """Handle the whole frames in ``data`` from ``pos``, keep the rest; False once closed."""
+        n = len(data)
+        view = memoryview(data)
+        unpack = http2.HEADER.unpack_from
+        while n - pos >= 9:
+            hi, lo, ftype, flags, sid = unpack(data, pos)
+            length = (hi << 8) | lo
+            if length > http2.DEFAULT_MAX_FRAME:
+                raise H2Error(http2.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            end = pos + 9 + length
+            if end > n:
+                break
+            sid &= 0x7FFFFFFF
+            if self.continued is not None and ftype != http2.CONTINUATION:
+                raise H2Error(http2.PROTOCOL_ERROR, "expected CONTINUATION")
+            if ftype == http2.DATA:
+                # A view: message bodies are copied once, when a message is complete.
+                self._on_data(flags, sid, view[pos + 9 : end])
+                pos = end
+                continue
+            payload = data[pos + 9 : end]
+            pos = end
+            if ftype == http2.HEADERS:
+                self._on_headers(flags, sid, payload)
+            elif ftype == http2.WINDOW_UPDATE:
+                self._on_window_update(sid, payload)
+            elif ftype == http2.SETTINGS:
+                self._on_settings(flags, sid, payload)
+            elif ftype == http2.PING:
+                if sid or length != 8:
+                    raise H2Error(http2.PROTOCOL_ERROR, "bad PING")
+                if not flags & http2.ACK:
+                    self.write(http2.frame(http2.PING, http2.ACK, 0, payload))
+            elif ftype == http2.RST_STREAM:
+                self._on_rst_stream(sid, payload)
+            elif ftype == http2.CONTINUATION:
+                self._on_continuation(flags, sid, payload)
+            elif ftype == http2.GOAWAY:
+                # As grpclib: the client is leaving, and takes its calls with it.
+                self.close()
+                return False
+            elif ftype == http2.PRIORITY:
+                if length != 5 or not sid:
+                    raise H2Error(http2.PROTOCOL_ERROR, "bad PRIORITY")
+            elif ftype == http2.PUSH_PROMISE:
+                raise H2Error(http2.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+            # Unknown frame types are ignored (RFC 9113 §4.1).
+        if pos < n:
+            self.inbuf = data[pos:]
+        return True
+
+    def _on_data(self, flags: int, sid: int, payload: memoryview) -> None:
+        if not sid:
+            raise H2Error(http2.PROTOCOL_ERROR, "DATA on stream 0")
+        size = len(payload)
+        self.recv_window -= size
+        if self.recv_window < 0:
+            raise H2Error(http2.FLOW_CONTROL_ERROR, "connection window exceeded")
+        if flags & http2.PADDED:
+            if not payload or payload[0] >= size:
+                raise H2Error(http2.PROTOCOL_ERROR, "bad padding")
+            payload = payload[1 : size - payload[0]]
+        st = self.streams.get(sid)
+        if st is None or st.remote_closed:
+            if sid > self.last_stream_id:
+                raise H2Error(http2.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+            # A stream we finished or reset: the data is dropped, its credit returned.
+            self.credit(None, size)
+            return
+        st.recv_window -= size
+        if st.recv_window < 0:
+            self.credit(None, size)
+            self._reset(st, http2.FLOW_CONTROL_ERROR)
+            return
+        if st.local_closed:
+            self.credit(st, size)  # the call is over on our side: nobody will read this
+        else:
+            # Credit flows back as the handler consumes: data behind unread messages waits.
+            unread = bool(st.messages)
+            if payload:
+                st.feed(payload)
+            if unread:
+                st.held += size
+            else:
+                self.credit(st, size)
+        if flags & http2.END_STREAM:
+            self._remote_end(st)
+
+    def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
+        if not sid:
+            raise H2Error(http2.PROTOCOL_ERROR, "HEADERS on stream 0")
+        start, end = 0, len(payload)
+        if flags & http2.PADDED:
+            if not payload:
+                raise H2Error(http2.PROTOCOL_ERROR, "bad padding")
+            start, end = 1, end - payload[0]
+        if flags & http2.PRIORITY_FLAG:
+            start += 5
+        if start > end:
+            raise H2Error(http2.PROTOCOL_ERROR, "bad HEADERS padding or priority")
+        block = payload[start:end]
+        if flags & http2.END_HEADERS:
+            self._on_header_block(sid, flags, block)
+        else:
+            self.continued = (sid, flags, [block])
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if self.continued is None or self.continued[0] != sid:
+            raise H2Error(http2.PROTOCOL_ERROR, "unexpected CONTINUATION")
+        parts = self.continued[2]
+        parts.append(payload)
+        if sum(map(len, parts)) > 2 * MAX_HEADER_LIST_SIZE:
+            raise H2Error(http2.PROTOCOL_ERROR, "header block too large")
+        if flags & http2.END_HEADERS:
+            _, first_flags, _ = self.continued
+            self.continued = None
+            self._on_header_block(sid, first_flags, b"".join(parts))
+
+    def _on_header_block(self, sid: int, flags: int, block: bytes) -> None:
+        # Decoded whatever becomes of the stream: HPACK state is shared by the whole connection.
+        call = self.decoder.decode(block, self.server.interpret)
+        st = self.streams.get(sid)
+        if st is not None:
+            # Trailers from the client: they may only end its side.
+            if not flags & http2.END_STREAM:
+                raise H2Error(http2.PROTOCOL_ERROR, "HEADERS without END_STREAM on an open stream")
+            self._remote_end(st)
+            return
+        if sid % 2 == 0 or sid <= self.last_stream_id:
+            if sid % 2 == 0:
+                raise H2Error(http2.PROTOCOL_ERROR, f"stream {sid} is not a client stream")
+            self.write(http2.rst_stream(sid, http2.STREAM_CLOSED))
+            return
+        self.last_stream_id = sid
+        if len(self.streams) >= MAX_CONCURRENT_STREAMS:
+            self.write(http2.rst_stream(sid, http2.REFUSED_STREAM))
+            return
+        st = ServerStream(self, sid, call)
+        self.streams[sid] = st
+        if flags & http2.END_STREAM:
+            st.remote_closed = True
+        if call.abort is not None:
+            self._refuse(st, *call.abort)
+            return
+        self.server.start_call(st)
+
+    def _on_window_update(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise H2Error(http2.FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
+        increment = http2.u32(payload) & 0x7FFFFFFF
+        if sid == 0:
+            if not increment:
+                raise H2Error(http2.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+            self.send_window += increment
+            if self.send_window > http2.MAX_WINDOW:
+                raise H2Error(http2.FLOW_CONTROL_ERROR, "connection window overflow")
+            blocked, self.blocked = self.blocked, set()
+            for waiting in blocked:
+                waiting.wake_sender()
+            return
+        st = self.streams.get(sid)
+        if st is None:
+            return  # a stream already gone
+        if not increment:
+            self._reset(st, http2.PROTOCOL_ERROR)
+            return
+        st.send_window += increment
+        if st.send_window > http2.MAX_WINDOW:
+            self._reset(st, http2.FLOW_CONTROL_ERROR)
+            return
+        st.wake_sender()
+
+    def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
+        if sid:
+            raise H2Error(http2.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & http2.ACK:
+            if payload:
+                raise H2Error(http2.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+            return
+        for key, value in http2.parse_settings(payload):
+            if key == http2.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > http2.MAX_WINDOW:
+                    raise H2Error(http2.FLOW_CONTROL_ERROR, "initial window too large")
+                delta = value - self.peer_initial_window
+                self.peer_initial_window = value
+                for st in self.streams.values():
+                    st.send_window += delta
+                    st.wake_sender()
+            elif key == http2.SETTINGS_MAX_FRAME_SIZE:
+                if not http2.DEFAULT_MAX_FRAME <= value <= (1 << 24) - 1:
+                    raise H2Error(http2.PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+                self.peer_max_frame = value
+            elif key == http2.SETTINGS_ENABLE_PUSH and value > 1:
+                raise H2Error(http2.PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
+            # Our header blocks never use the dynamic table, so HEADER_TABLE_SIZE needs nothing.
+        self.write(_SETTINGS_ACK)
+
+    def _on_rst_stream(self, sid: int, payload: bytes) -> None:
+        if len(payload) != 4:
+            raise H2Error(http2.FRAME_SIZE_ERROR, "bad RST_STREAM")
+        if not sid:
+            raise H2Error(http2.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+        st = self.streams.get(sid)
+        if st is not None:
+            self._forget(st)
+            self._terminate(st)
+
+    def _remote_end(self, st: ServerStream) -> None:
+        st.remote_closed = True
+        if st.partial and st.recv_error is None:
+            # grpclib's answer to a body cut short by END_STREAM.
+            st.recv_error = GRPCError(Status.UNKNOWN, "Received less data than expected")
+        st.wake()
+        if st.local_closed:
+            self._forget(st)
+
+    # -- flow control
+
+    def credit(self, st: ServerStream | None, size: int) -> None:
+        """Return ``size`` bytes of credit; WINDOW_UPDATEs go out once a quarter window is owed."""
+        if not size:
+            return
+        self.recv_unacked += size
+        if self.recv_unacked >= CONNECTION_WINDOW // 4:
+            self.recv_window += self.recv_unacked
+            self.write(http2.window_update(0, self.recv_unacked))
+            self.recv_unacked = 0
+        if st is not None and not st.remote_closed:
+            st.recv_unacked += size
+            if st.recv_unacked >= STREAM_WINDOW // 4:
+                st.recv_window += st.recv_unacked
+                self.write(http2.window_update(st.id, st.recv_unacked))
+                st.recv_unacked = 0
+
+    # -- output
+
+    def write(self, data: Any) -> None:
+        self.out.append(data)
+        if not self.flush_scheduled and not self.receiving:
+            self.flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Everything written since the last flush leaves in one system call."""
+        self.flush_scheduled = False
+        out = self.out
+        if not out:
+            return
+        self.out = []
+        if self.transport is not None:
+            self.transport.writelines(out)
+
+    def write_headers(self, st: ServerStream, block: bytes, end_stream: bool) -> None:
+        for f in http2.headers_frames(st.id, block, end_stream, self.peer_max_frame):
+            self.write(f)
+
+    async def send_data(self, st: ServerStream, prefix: bytes, data: bytes) -> None:
+        """DATA frames for one gRPC message, within both flow-control windows."""
+        total = len(prefix) + len(data)
+        if total <= self.peer_max_frame and total <= st.send_window and total <= self.send_window:
+            # The common case: one frame, no waiting.
+            st.send_window -= total
+            self.send_window -= total
+            self.write(http2.frame_header(http2.DATA, 0, st.id, total) + prefix + data)
+            if not self.writable:
+                await self._drained(st)
+            return
+        payload = memoryview(prefix + data)
+        pos = 0
+        while pos < total:
+            if st.reset or self.transport is None:
+                raise StreamTerminatedError("Stream reset by remote party")
+            allowed = min(st.send_window, self.send_window, total - pos)
+            if allowed <= 0:
+                await self._window(st)
+                continue
+            end = pos + allowed
+            while pos < end:
+                size = min(self.peer_max_frame, end - pos)
+                self.write(http2.frame_header(http2.DATA, 0, st.id, size))
+                self.write(payload[pos : pos + size])
+                pos += size
+            st.send_window -= allowed
+            self.send_window -= allowed
+            if not self.writable:
+                await self._drained(st)
+
+    async def _window(self, st: ServerStream) -> None:
+        st.window_waiter = self.loop.create_future()
+        if self.send_window <= 0:
+            self.blocked.add(st)
+        try:
+            await st.window_waiter
+        finally:
+            st.window_waiter = None
+            self.blocked.discard(st)
+
+    async def _drained(self, st: ServerStream) -> None:
+        """Wait while the transport's buffer is above its high-water mark."""
+        while not self.writable and self.transport is not None and not st.reset:
+            waiter = self.loop.create_future()
+            self.write_waiters.append(waiter)
+            await waiter
+        if st.reset or self.transport is None:
+            raise StreamTerminatedError("Stream reset by remote party")
+
+    def finish(self, st: ServerStream, status: int, message: str | None) -> None:
+        """Trailers (or a trailers-only reply), then the stream is done on our side."""
+        if st.local_closed or st.reset or self.transport is None:
+            return
+        fields = _OK_TRAILERS if status == 0 and message is None else http2.status_fields(status, message)
+        if not st.headers_sent:
+            fields = _REPLY_HEADERS + fields
+        self.write_headers(st, fields, True)
+        self._close_local(st, status != 0)
+        if not self.streams:
+            # The last call on this connection ended: nothing more to coalesce with, send now.
+            self.flush()
+
+    def _refuse(
+        self, st: ServerStream, h2_status: int, grpc_status: int | None, message: str | None, ct: bool
+    ) -> None:
+        """grpclib's answers to a request it will not run: headers only, then the stream ends."""
+        block = b"\x88" if h2_status == 200 else http2.literal(":status", str(h2_status))
+        if ct:
+            block += http2.content_type(CONTENT_TYPE)
+        if grpc_status is not None:
+            block += http2.literal("grpc-status", str(grpc_status))
+        if message is not None:
+            block += http2.literal("grpc-message", message if not ct else http2.grpc_message(message))
+        self.write_headers(st, block, True)
+        self._close_local(st, True)
+
+    def _close_local(self, st: ServerStream, reset_if_open: bool) -> None:
+        st.local_closed = True
+        if st.remote_closed:
+            self._forget(st)
+        elif reset_if_open:
+            # The client is still sending to a call that has failed (grpclib does the same).
+            self.write(http2.rst_stream(st.id, http2.NO_ERROR))
+            self._forget(st)
+            st.reset = True
+
+    def _reset(self, st: ServerStream, code: int) -> None:
+        self.write(http2.rst_stream(st.id, code))
+        self._forget(st)
+        self._terminate(st)
+
+    def _forget(self, st: ServerStream) -> None:
+        if self.streams.pop(st.id, None) is not None and st.held:
+            # Credit for what the handler will never read.
+            self.credit(None, st.held)
+            st.held = 0
+
+    def _terminate(self, st: ServerStream) -> None:
+        st.reset = True
+        st.remote_closed = True
+        if st.task is not None and not st.task.done():
+            st.task.cancel()
+        st.wake()
+        st.wake_sender()
+
+    def fail(self, code: int, message: str) -> None:
+        """A connection error: GOAWAY, then close."""
+        if self.transport is not None:
+            self.write(http2.goaway(self.last_stream_id, code, message.encode()[:256]))
+            self.flush()
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.flush()
+            self.transport.close()
+            self.connection_lost(None)
+
+
+# -- the server ------------------------------------------------------------------------------------
+
+
+class _Server:
+    """Listens, owns the connections, runs calls; ``start``/``close``/``wait_closed`` as grpclib's."""
+
+    def __init__(
+        self,
+        services: Collection[Any],
+        codec: LimitedCodec,
+        on_request: Callable[[str], None] | None,
+        inflight: set[asyncio.Task[Any]],
+    ) -> None:
+        mapping: dict[str, Handler] = {}
+        for service in services:
+            mapping.update(service.__mapping__())
+        self.mapping = mapping
+        self.codec = codec
+        self.on_request = on_request
+        self.inflight = inflight
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+
+    def interpret(self, fields: list[tuple[str, str]]) -> _Call:
+        return _interpret(self.mapping, fields)
+
+    async def start(self, *, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _Connection(self), sock=sock)
+
+    def start_call(self, st: ServerStream) -> None:
+        call = st.call
+        loop = st.conn.loop
+        task = loop.create_task(self._run(st))
+        st.task = task
+        self.inflight.add(task)
+        task.add_done_callback(self.inflight.discard)
+        if call.timeout is not None:
+            st.deadline = loop.call_later(call.timeout, st.expire)
+
+    async def _run(self, st: ServerStream) -> None:
+        call = st.call
+        handler = call.handler
+        assert handler is not None
+        namespaces.current.set(call.namespace)
+        namespaces.lease.set(call.lease)
+        status: int = 0
+        message: str | None = None
+        try:
+            if self.on_request is not None:
+                self.on_request(call.path)
+            await handler.func(st)
+            if not handler.cardinality.server_streaming and not st.sent:
+                log.error("unary call ended without a reply", method=call.path)
+                status, message = Status.UNKNOWN.value, "Internal Server Error"
+        except asyncio.CancelledError:
+            if not st.deadline_hit:
+                return  # the client reset the stream, or the server is closing: nobody to tell
+            status, message = Status.DEADLINE_EXCEEDED.value, None
+        except Exception as exc:
+            err = grpc_error(exc)
+            if err.status in (Status.UNKNOWN, Status.INTERNAL) and not isinstance(exc, GRPCError):
+                log.warning("rpc failed", method=call.path, error=str(exc), exc_info=exc)
+            status, message = err.status.value, err.message
+        finally:
+            if st.deadline is not None:
+                st.deadline.cancel()
+        st.conn.finish(st, status, message)
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    def close(self) -> None:
+        """Stop accepting, cancel every call, close every connection."""
+        self.stop_accepting()
+        for conn in list(self.connections):
+            conn.close()
+
+    async def wait_closed(self) -> None:
+        if self._server is not None:
+            await self._server.wait_closed()
+        pending = [t for t in self.inflight if not t.done()]
+        if pending:
+            await asyncio.wait(pending)
+
+
 class GRPCServer:
     def __init__(
         self,
@@ -186,41 +1005,9 @@ class GRPCServer:
         max_send: int = 16 << 20,
         on_request: Callable[[str], None] | None = None,
     ) -> None:
-        self.server = Server(list(services), codec=LimitedCodec(max_recv, max_send))
-        # grpclib keeps the route table in a private attribute; see the module docstring.
-        self.server._mapping = _FallbackMapping(self.server._mapping)
         self.inflight: set[asyncio.Task[Any]] = set()
-        self._on_request = on_request
+        self.server = _Server(list(services), LimitedCodec(max_recv, max_send), on_request, self.inflight)
         self.path: str | None = None
-        listen(self.server, RecvRequest, self._recv_request)
-
-    async def _recv_request(self, ev: RecvRequest) -> None:
-        namespaces.current.set(_first(ev.metadata, namespaces.GRPC_HEADER))
-        namespaces.lease.set(_first(ev.metadata, namespaces.LEASE_HEADER))
-        method_func = ev.method_func
-        method_name = ev.method_name
-        inflight = self.inflight
-        if self._on_request is not None:
-            self._on_request(method_name)
-
-        async def wrapped(stream: Stream[Any, Any]) -> None:
-            task = asyncio.current_task()
-            if task is not None:
-                inflight.add(task)
-            try:
-                await method_func(stream)
-            except (GRPCError, asyncio.CancelledError):
-                raise
-            except Exception as exc:
-                err = grpc_error(exc)
-                if err.status in (Status.UNKNOWN, Status.INTERNAL):
-                    log.warning("rpc failed", method=method_name, error=str(exc), exc_info=exc)
-                raise err from exc
-            finally:
-                if task is not None:
-                    inflight.discard(task)
-
-        ev.method_func = wrapped
 
     async def start(self, path: str, uid: int = 0, gid: int = 0) -> None:
         sock = prepare_socket(path, uid, gid)
@@ -229,9 +1016,7 @@ class GRPCServer:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting, wait up to ``grace`` seconds for in-flight calls, then close."""
-        inner = self.server._server
-        if inner is not None:
-            inner.close()
+        self.server.stop_accepting()
         pending = [t for t in self.inflight if not t.done()]
         if pending:
             _, still = await asyncio.wait(pending, timeout=grace)

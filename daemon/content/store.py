@@ -36,6 +36,8 @@ from pyctr.daemon.metadata import content as meta
 from pyctr.daemon.metadata.db import DB
 from pyctr.daemon.rwlock import RWLock
 
+SIZE_CACHE_ENTRIES = 4096
+
 
 @dataclass(frozen=True)
 class Status:
@@ -174,6 +176,14 @@ class ContentStore:
         self.lock = lock or db.gc_lock
         self.on_create = on_create or (lambda ns, dgst, size: None)
         self.on_delete = on_delete or (lambda ns, dgst: None)
+        # Read checks that the namespace sees the blob on every call, and ctr reads 32 KiB per
+        # call: the sizes of visible blobs are remembered until any content row is deleted (by
+        # Delete or by a collection; a trigger counts them, see meta.watch_deletes). A blob's
+        # size never changes, and a row that appears needs no forgetting.
+        self._sizes: dict[tuple[str, str], int] = {}
+        self._sizes_valid_at = 0  # the deletion count _sizes was filled under
+        self._deletions = 0  # bumped on the metadata thread
+        self._watching = False
 
     async def info(self, ns: str, dgst: str) -> meta.Info:
         digestmod.validate(dgst)
@@ -195,12 +205,36 @@ class ContentStore:
         self, ns: str, dgst: str, offset: int = 0, size: int = 0
     ) -> AsyncIterator[tuple[int, bytes]]:
         """(offset, chunk) pairs of at most 1 MiB; size <= 0 reads to the end."""
-        info = await self.info(ns, dgst)
-        if offset < 0 or offset > info.size:
-            raise OutOfRange(f"read past object length {info.size} bytes")
-        if size <= 0 or offset + size > info.size:
-            size = info.size - offset
+        length = await self.visible_size(ns, dgst)
+        if offset < 0 or offset > length:
+            raise OutOfRange(f"read past object length {length} bytes")
+        if size <= 0 or offset + size > length:
+            size = length - offset
         return self._chunks(dgst, offset, size)
+
+    async def visible_size(self, ns: str, dgst: str) -> int:
+        """The size of a blob ``ns`` sees (NotFound otherwise), usually without a metadata query."""
+        if self._sizes_valid_at != self._deletions:
+            self._sizes.clear()
+            self._sizes_valid_at = self._deletions
+        size = self._sizes.get((ns, dgst))
+        if size is not None:
+            return size
+        if not self._watching:
+            name = f"pyctr_content_deleted_{id(self):x}"
+            await self.db.update(lambda c: meta.watch_deletes(c, name, self._deleted))
+            self._watching = True
+        before = self._deletions
+        info = await self.info(ns, dgst)
+        # A deletion counted meanwhile may have been this row's: then it is not remembered.
+        if before == self._deletions == self._sizes_valid_at:
+            if len(self._sizes) >= SIZE_CACHE_ENTRIES:
+                self._sizes.clear()
+            self._sizes[(ns, dgst)] = info.size
+        return info.size
+
+    def _deleted(self) -> None:
+        self._deletions += 1
 
     async def _chunks(self, dgst: str, offset: int, size: int) -> AsyncIterator[tuple[int, bytes]]:
         end = offset + size

@@ -660,6 +660,30 @@ async def delete_then_recommit(factory: Factory) -> None:
         assert await read_all(store, NS, dgst) == data
 
 
+async def reads_follow_deletions(factory: Factory) -> None:
+    """Every read checks that the namespace still sees the blob, however the row went away."""
+    async with _fresh(factory) as store:
+        data, dgst = blob(100_000)
+        await ingest(store, NS, "r", data, dgst)
+        await ingest(store, OTHER, "r", data, dgst)
+        for _ in range(3):  # whatever a store remembers between reads, it has now
+            assert await read_all(store, NS, dgst, 0, 1000) == data[:1000]
+            assert await read_all(store, OTHER, dgst, 7, 10) == data[7:17]
+        await store.delete(NS, dgst)
+        await expect(NotFound, read_all(store, NS, dgst, 0, 1000), "read after delete")
+        assert await read_all(store, OTHER, dgst, 7, 10) == data[7:17]
+        # The collector removes rows with SQL of its own, then the blob file.
+        await store.db.update(
+            lambda c: c.execute("DELETE FROM content WHERE namespace = ? AND digest = ?", (OTHER, dgst))
+        )
+        await expect(NotFound, read_all(store, OTHER, dgst, 7, 10), "read after the row was swept")
+        await store.local.delete(dgst)
+        # Committed again, the blob reads again (from its new file).
+        await ingest(store, NS, "r2", data, dgst)
+        assert await read_all(store, NS, dgst, 99_990, 10) == data[99_990:]
+        await expect(NotFound, read_all(store, OTHER, dgst, 0, 10), "read in the other namespace")
+
+
 CASES: list[tuple[str, Case]] = [
     (fn.__name__, fn)
     for fn in (
@@ -685,6 +709,7 @@ CASES: list[tuple[str, Case]] = [
         list_statuses_filter,
         commit_same_digest_twice,
         delete_then_recommit,
+        reads_follow_deletions,
     )
 ]
 

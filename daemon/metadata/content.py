@@ -7,7 +7,7 @@ containerd: a blob committed, or an ingest opened, under a lease is added to tha
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pyctr.api import filters, labels
@@ -48,6 +48,24 @@ def get(conn: sqlite3.Connection, ns: str, dgst: str) -> Info:
     if row is None:
         raise NotFound(f"content digest {dgst}")
     return _row(row)
+
+
+def watch_deletes(conn: sqlite3.Connection, name: str, callback: Callable[[], None]) -> None:
+    """Call ``callback`` (on the metadata thread) whenever a content row is deleted, by anyone.
+
+    A TEMP trigger lives with this connection only (no schema change); it calls a function
+    registered here, under ``name``, for every deleted row: Delete and the collector's sweep alike.
+    """
+    if not name.isidentifier():
+        raise ValueError(f"bad trigger name {name!r}")
+
+    def deleted() -> None:
+        callback()
+
+    conn.create_function(name, 0, deleted)
+    conn.execute(
+        f"CREATE TEMP TRIGGER IF NOT EXISTS {name} AFTER DELETE ON main.content BEGIN SELECT {name}(); END"
+    )
 
 
 def exists(conn: sqlite3.Connection, ns: str, dgst: str) -> bool:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, NamedTuple
+
+from grpclib.const import Cardinality, Handler
 
 from pyctr.api import namespaces, pbutil
 from pyctr.api._pb.containerd.events import ContentCreate, ContentDelete
@@ -16,6 +19,8 @@ from pyctr.daemon.events import Exchange
 from pyctr.daemon.metadata import content as meta
 
 LIST_BATCH = 100  # infos per List message, as containerd batches them
+READ_PATH = "/containerd.services.content.v1.Content/Read"
+WRITE_PATH = "/containerd.services.content.v1.Content/Write"
 
 
 def info_message(info: meta.Info) -> pb.Info:
@@ -39,10 +44,152 @@ def status_message(st: Status) -> pb.Status:
     )
 
 
+# -- Read and Write on the wire --------------------------------------------------------------------
+#
+# ``ctr content get`` reads with one Read call per 32 KiB, and ingests send 1 MiB per Write
+# request: the generic message classes' cost per call (and their copies of the data) shows in both
+# rates. These messages are simple enough to code by hand:
+#
+#     ReadContentRequest   1: digest (string)  2: offset (int64)  3: size (int64)
+#     ReadContentResponse  1: offset (int64)   2: data (bytes)
+#     WriteContentRequest  1: action (enum)  2: ref (string)  3: total (int64)
+#                          4: expected (string)  5: offset (int64)  6: data (bytes)  7: labels (map)
+#
+# A request with anything else (labels, another field, an odd encoding) goes to the generated
+# parser, which then decides exactly as it always did. The server has already checked that the
+# body is well-formed protobuf at the top level.
+
+_VARINT, _STRING, _BYTES = 0, 1, 2
+_READ_KEYS = {0x0A: _STRING, 0x10: _VARINT, 0x18: _VARINT}
+_WRITE_KEYS = {0x08: _VARINT, 0x12: _STRING, 0x18: _VARINT, 0x22: _STRING, 0x28: _VARINT, 0x32: _BYTES}
+_MASK64 = (1 << 64) - 1
+_SIGN64 = 1 << 63
+
+
+class _Unusual(Exception):
+    pass
+
+
+def _uvarint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise _Unusual
+
+
+def _scan(data: Any, keys: dict[int, int]) -> dict[int, Any]:
+    """Top-level fields by key byte (the last of a repeated one wins, as in the generated parser);
+    ``bytes`` fields are views into ``data``, not copies."""
+    view = memoryview(data)
+    out: dict[int, Any] = {}
+    pos, n = 0, len(view)
+    try:
+        while pos < n:
+            key = view[pos]
+            kind = keys.get(key)
+            if kind is None:
+                raise _Unusual
+            value, pos = _uvarint(view, pos + 1)
+            if kind == _VARINT:
+                out[key] = ((value & _MASK64) ^ _SIGN64) - _SIGN64  # int64 and enums
+                continue
+            end = pos + value
+            if end > n:
+                raise _Unusual
+            out[key] = str(view[pos:end], "utf-8") if kind == _STRING else view[pos:end]
+            pos = end
+    except (IndexError, UnicodeDecodeError):
+        raise _Unusual from None
+    return out
+
+
+class ReadArgs(NamedTuple):
+    digest: str
+    offset: int
+    size: int
+
+
+class ReadRequestCodec:
+    """Decodes a ReadContentRequest into :class:`ReadArgs` (the server's codec calls FromString)."""
+
+    @staticmethod
+    def FromString(data: Any) -> ReadArgs:
+        try:
+            f = _scan(data, _READ_KEYS)
+        except _Unusual:
+            msg = pb.ReadContentRequest.FromString(bytes(data))
+            return ReadArgs(msg.digest, msg.offset, msg.size)
+        return ReadArgs(f.get(0x0A, ""), f.get(0x10, 0), f.get(0x18, 0))
+
+
+class WriteRequestCodec:
+    """Decodes a WriteContentRequest whose ``data`` stays a view of the received body."""
+
+    @staticmethod
+    def FromString(data: Any) -> pb.WriteContentRequest:
+        try:
+            f = _scan(data, _WRITE_KEYS)
+        except _Unusual:
+            return pb.WriteContentRequest.FromString(bytes(data))
+        return pb.WriteContentRequest(
+            action=pb.WriteAction(f.get(0x08, 0)),
+            ref=f.get(0x12, ""),
+            total=f.get(0x18, 0),
+            expected=f.get(0x22, ""),
+            offset=f.get(0x28, 0),
+            data=f.get(0x32, b""),
+        )
+
+
+def _varint(value: int) -> bytes:
+    value &= _MASK64
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class ReadReply:
+    """A ReadContentResponse already encoded, exactly as the generated class would encode it."""
+
+    __slots__ = ("encoded",)
+
+    def __init__(self, offset: int, data: bytes) -> None:
+        head = b"\x08" + _varint(offset) if offset else b""
+        self.encoded = head + b"\x12" + _varint(len(data)) + data if data else head
+
+    def SerializeToString(self) -> bytes:
+        return self.encoded
+
+
 class ContentService(pb.ContentBase):
     def __init__(self, store: ContentStore, exchange: Exchange) -> None:
         self.store = store
         self.exchange = exchange
+
+    def __mapping__(self) -> dict[str, Handler]:
+        """The generated routes, with Read and Write on the hand-coded messages above."""
+        mapping = super().__mapping__()
+        mapping[READ_PATH] = Handler(self._read_rpc, Cardinality.UNARY_STREAM, ReadRequestCodec, ReadReply)
+        write = mapping[WRITE_PATH]
+        mapping[WRITE_PATH] = write._replace(request_type=WriteRequestCodec)
+        return mapping
+
+    async def _read_rpc(self, stream: Any) -> None:
+        """Read, with the hand-coded messages above; the same store call as :meth:`read`."""
+        req: ReadArgs | None = await stream.recv_message()
+        assert req is not None  # as the generated handler asserts
+        chunks = await self.store.read(namespaces.required(), req.digest, req.offset, req.size)
+        async for offset, data in chunks:
+            await stream.send_message(ReadReply(offset, data))
 
     async def info(self, message: pb.InfoRequest) -> pb.InfoResponse:
         info = await self.store.info(namespaces.required(), message.digest)
