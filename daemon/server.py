@@ -37,12 +37,13 @@ from collections import deque
 from collections.abc import Callable, Collection
 from typing import Any, cast
 
+import betterproto2
 import structlog
 from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from pyctr.api import errdefs, filters, namespaces
+from pyctr.api import errdefs, filters, namespaces, pbencode
 from pyctr.daemon import http2
 from pyctr.daemon.http2 import H2Error
 
@@ -80,7 +81,10 @@ class LimitedCodec(ProtoCodec):
         self.max_send = max_send
 
     def encode(self, message: Any, message_type: Any) -> bytes:
-        data = super().encode(message, message_type)
+        if isinstance(message, betterproto2.Message) and isinstance(message, message_type):
+            data = pbencode.encode(message)  # bytes(message), without its per-field overhead
+        else:
+            data = super().encode(message, message_type)  # hand-coded replies, type errors
         if len(data) > self.max_send:
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,

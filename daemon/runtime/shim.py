@@ -27,7 +27,7 @@ from typing import TypeVar
 import betterproto2
 import structlog
 
-from pyctr.api import errdefs, namespaces, ttrpc
+from pyctr.api import errdefs, namespaces, pbencode, ttrpc
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.daemon.runtime.bundle import Bundle
@@ -229,7 +229,7 @@ class ShimConnection:
             data = await self.client.call(
                 SERVICE,
                 method,
-                bytes(request),
+                pbencode.encode(request),
                 metadata={namespaces.TTRPC_HEADER: self.namespace},
                 timeout=timeout,
             )
