@@ -19,13 +19,16 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pyctr.api.errdefs import FailedPrecondition, InvalidArgument, NotImplementedErr
 from pyctr.api.mount import Mount
 from pyctr.daemon.content.store import ContentStore
-from pyctr.snapshotter.layer import apply as layer_apply
-from pyctr.snapshotter.layer import compression
-from pyctr.snapshotter.layer import diff as layer_diff
+
+if TYPE_CHECKING:
+    from pyctr.snapshotter.layer import compression
+
+# The layer code (tarfile, isal, zstandard) is imported by the first Apply or Diff, not at start-up.
 
 UNCOMPRESSED_LABEL = "containerd.io/uncompressed"
 MEDIA_TYPE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -74,6 +77,9 @@ def apply_to_mounts(
     blob_path: str, media_type: str, mounts: Sequence[Mount], cancel: threading.Event
 ) -> tuple[str, int]:
     """Apply one layer blob; returns (diff_id, uncompressed size). Blocking."""
+    from pyctr.snapshotter.layer import apply as layer_apply
+    from pyctr.snapshotter.layer import compression
+
     comp = compression.compression_for_media_type(media_type)
     if comp is None and media_type and "layer" not in media_type and "diff" not in media_type:
         raise NotImplementedErr(f"unsupported media type {media_type}")
@@ -112,6 +118,9 @@ def write_diff(
 
     Returns (compressed digest, uncompressed digest, compressed size). Blocking.
     """
+    from pyctr.snapshotter.layer import compression
+    from pyctr.snapshotter.layer import diff as layer_diff
+
     with open(out_path, "wb") as f:
         digesting = compression.DigestingWriter(f)
         with compression.Compressor(digesting, comp) as comp_writer:
@@ -167,6 +176,8 @@ class Differ:
         labels: dict[str, str],
         lease: str,
     ) -> Descriptor:
+        from pyctr.snapshotter.layer import compression
+
         media_type = media_type or MEDIA_TYPE_LAYER_GZIP
         comp = compression.compression_for_media_type(media_type)
         if comp is None:
