@@ -8,10 +8,13 @@ snapshot's mount must show through its committed child's mount.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shlex
 import subprocess
+import tarfile
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -43,6 +46,13 @@ class Ctr:
     def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
         cmd = [self.exe, "-a", self.d.address, "-n", self.ns, "snapshots", "--snapshotter", self.sn, *args]
         return daemons.run(cmd, timeout=30)
+
+    def raw(self, *args: str) -> bytes:
+        """stdout as bytes (``snapshots diff`` writes a gzipped tar)."""
+        cmd = [self.exe, "-a", self.d.address, "-n", self.ns, "snapshots", "--snapshotter", self.sn, *args]
+        r = subprocess.run(cmd, capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, (self.d.address, args, r.stderr)
+        return r.stdout
 
     def ok(self, *args: str) -> str:
         r = self(*args)
@@ -82,6 +92,16 @@ def run_mount(printed: str) -> None:
     assert cmd[0] == "mount", printed
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, (printed, res.stderr)
+
+
+def layer_members(data: bytes) -> list[tuple[str, str, int, str]]:
+    """(name, type, mode, sha256 of the data) of every member of a gzipped layer tar."""
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        for m in tar:
+            body = tar.extractfile(m).read() if m.isfile() else b""  # type: ignore[union-attr]
+            out.append((m.name.rstrip("/"), m.type.decode(), m.mode, hashlib.sha256(body).hexdigest()[:12]))
+    return sorted(out)
 
 
 def umount(path: str) -> None:
@@ -153,6 +173,59 @@ def exercise(ctr: Ctr, mnt: str) -> dict[str, object]:
     ctr.ok("rm", "grandchild", "layer2", "ro-view", "layer1")
     seen["ls after rm"] = table(ctr.ok("ls"))
     return seen
+
+
+def diff_layer(ctr: Ctr, mnt: str) -> list[tuple[str, str, int, str]]:
+    """``ctr snapshots diff``: a child against a view of its parent, through the Diff service.
+
+    Every snapshot is rooted first: the lease ctr takes for the diff ends with a collection.
+    """
+    ctr.ok("prepare", "d-base")
+    ctr.ok("label", "d-base", "containerd.io/gc.root=test")
+    run_mount(ctr.ok("mounts", mnt, "d-base"))
+    for name, text in (("keep", "kept\n"), ("change", "old\n"), ("gone", "bye\n")):
+        with open(os.path.join(mnt, name), "w") as f:
+            f.write(text)
+    os.mkdir(os.path.join(mnt, "olddir"))
+    umount(mnt)
+    ctr.ok("commit", "d-layer", "d-base")
+    ctr.ok("label", "d-layer", "containerd.io/gc.root=test")
+    ctr.ok("prepare", "d-top", "d-layer")
+    ctr.ok("label", "d-top", "containerd.io/gc.root=test")
+    run_mount(ctr.ok("mounts", mnt, "d-top"))
+    with open(os.path.join(mnt, "change"), "w") as f:
+        f.write("new\n")
+    os.unlink(os.path.join(mnt, "gone"))
+    os.rmdir(os.path.join(mnt, "olddir"))
+    os.makedirs(os.path.join(mnt, "newdir", "sub"))
+    with open(os.path.join(mnt, "newdir", "sub", "file"), "wb") as f:
+        f.write(b"y" * 5000)
+    os.symlink("../keep", os.path.join(mnt, "newdir", "link"))
+    umount(mnt)
+    members = layer_members(ctr.raw("diff", "d-top"))
+    ctr.ok("rm", "d-top", "d-layer")
+    return members
+
+
+@pytest.mark.parametrize("snapshotter", SNAPSHOTTERS)
+def test_snapshot_diff_matches_containerd(
+    snapshotter: str, pyd: daemons.Daemon, containerd: daemons.Daemon, ctr_bin: str, mountpoint: str
+) -> None:
+    ns = unique("snapdiff")
+    got = {
+        name: diff_layer(Ctr(ctr_bin, d, ns, snapshotter), mountpoint)
+        for name, d in (("pyctrd", pyd), ("containerd", containerd))
+    }
+    assert got["pyctrd"] == got["containerd"]
+    assert [(name, kind) for name, kind, *_ in got["pyctrd"]] == [
+        (".wh.gone", "0"),
+        (".wh.olddir", "0"),
+        ("change", "0"),
+        ("newdir", "5"),
+        ("newdir/link", "2"),
+        ("newdir/sub", "5"),
+        ("newdir/sub/file", "0"),
+    ]
 
 
 @pytest.mark.parametrize("snapshotter", SNAPSHOTTERS)
