@@ -18,6 +18,8 @@ from typing import Any, cast
 
 import betterproto2
 
+from pyctr.api.wire import varint
+
 _VARINT_TYPES = frozenset(betterproto2.WIRE_VARINT_TYPES)
 _FIXED32_TYPES = frozenset(betterproto2.WIRE_FIXED_32_TYPES)
 _FIXED64_TYPES = frozenset(betterproto2.WIRE_FIXED_64_TYPES)
@@ -34,24 +36,6 @@ _PACK = {
 _STRING = betterproto2.TYPE_STRING
 _MESSAGE = betterproto2.TYPE_MESSAGE
 _BYTES = betterproto2.TYPE_BYTES
-
-
-def varint(value: int) -> bytes:
-    if value < 0:
-        if value < -(1 << 63):
-            raise ValueError(
-                "Negative value is not representable as a 64-bit integer - "
-                "unable to encode a varint within 10 bytes."
-            )
-        value += 1 << 64
-    if value < 0x80:
-        return bytes((value,))
-    out = bytearray()
-    while value >= 0x80:
-        out.append(0x80 | (value & 0x7F))
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _single(proto_type: str, unwrap: Callable[[], type] | None, value: Any) -> bytes:

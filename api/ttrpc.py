@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from pyctr.api.errdefs import Code
+from pyctr.api.wire import varint as _varint
 
 log = logging.getLogger(__name__)
 
@@ -204,19 +205,6 @@ class FrameDecoder:
 _MASK32 = (1 << 32) - 1
 _MASK64 = (1 << 64) - 1
 _MAX_FIELD = (1 << 29) - 1
-_VARINT1 = [bytes((i,)) for i in range(0x80)]  # one-byte varints, the common case for tags and lengths
-
-
-def _varint(value: int) -> bytes:
-    """Base-128 varint of an unsigned 64-bit value (negative ints are masked first by the caller)."""
-    if value < 0x80:
-        return _VARINT1[value]
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:

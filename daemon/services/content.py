@@ -12,6 +12,7 @@ from pyctr.api._pb.containerd.events import ContentCreate, ContentDelete
 from pyctr.api._pb.containerd.services.content import v1 as pb
 from pyctr.api._pb.google.protobuf import Empty
 from pyctr.api.errdefs import AlreadyExists, InvalidArgument, OutOfRange
+from pyctr.api.wire import varint
 from pyctr.daemon import plugin
 from pyctr.daemon.content.local import LocalStore
 from pyctr.daemon.content.store import ContentStore, NamespacedWriter, Status
@@ -147,24 +148,14 @@ class WriteRequestCodec:
         )
 
 
-def _varint(value: int) -> bytes:
-    value &= _MASK64
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
 class ReadReply:
     """A ReadContentResponse already encoded, exactly as the generated class would encode it."""
 
     __slots__ = ("encoded",)
 
     def __init__(self, offset: int, data: bytes) -> None:
-        head = b"\x08" + _varint(offset) if offset else b""
-        self.encoded = head + b"\x12" + _varint(len(data)) + data if data else head
+        head = b"\x08" + varint(offset) if offset else b""
+        self.encoded = head + b"\x12" + varint(len(data)) + data if data else head
 
     def SerializeToString(self) -> bytes:
         return self.encoded
