@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 
 CONFIG = """version: 0.1
@@ -55,8 +56,12 @@ class Registry:
         with open(self.log_path, errors="replace") as f:
             return f.read()
 
-    def push(self, layout: str, repo: str, tag: str = "latest", src_tag: str = "latest") -> str:
-        """Copy ``<layout>:<src_tag>`` to ``<repo>:<tag>``; returns the reference to pull."""
+    def push(
+        self, layout: str, repo: str, tag: str = "latest", src_tag: str = "latest", creds: str = ""
+    ) -> str:
+        """Copy ``<layout>:<src_tag>`` to ``<repo>:<tag>`` (as ``creds``, ``user:password``, when
+        given); returns the reference to pull."""
+        auth = [f"--dest-creds={creds}"] if creds else []
         res = subprocess.run(
             [
                 "skopeo",
@@ -64,6 +69,7 @@ class Registry:
                 "copy",
                 "--quiet",
                 "--dest-tls-verify=false",
+                *auth,
                 f"oci:{layout}:{src_tag}",
                 f"docker://{self.ref(repo, tag)}",
             ],
@@ -96,15 +102,32 @@ def _answers(port: int) -> bool:
 
 
 def start(timeout: float = 15.0) -> Registry:
+    return _start("registry-", "", _answers, timeout)
+
+
+def _start(
+    prefix: str,
+    extra_config: str,
+    ready: Callable[[int], bool],
+    timeout: float,
+    files: dict[str, str] | None = None,
+) -> Registry:
+    """docker-registry on a free 127.0.0.1 port with ``extra_config`` appended to its config and
+    ``files`` written into its directory (``{base}`` in ``extra_config``); ``ready(port)`` tells
+    when it serves."""
     exe = shutil.which("docker-registry")
     if exe is None:
         raise FileNotFoundError("docker-registry is not installed")
-    base = tempfile.mkdtemp(prefix="registry-", dir="/tmp")
+    base = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    for name, text in (files or {}).items():
+        with open(os.path.join(base, name), "w") as f:
+            f.write(text)
     for _ in range(3):  # the free port can be taken between probing and binding
         port = free_port()
         cfg = os.path.join(base, "config.yml")
         with open(cfg, "w") as f:
             f.write(CONFIG.format(storage=os.path.join(base, "storage"), port=port))
+            f.write(extra_config.replace("{base}", base))
         log_path = os.path.join(base, "registry.log")
         with open(log_path, "ab") as logf:
             proc = subprocess.Popen(
@@ -113,7 +136,7 @@ def start(timeout: float = 15.0) -> Registry:
         reg = Registry(base, port, proc, log_path)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.poll() is None:
-            if _answers(port):
+            if ready(port):
                 return reg
             time.sleep(0.05)
         if proc.poll() is None:
@@ -163,57 +186,13 @@ def _serves(port: int) -> bool:
 
 def start_with_htpasswd(user: str, password: str, timeout: float = 15.0) -> Registry:
     """docker-registry on 127.0.0.1 that wants ``user``/``password`` (Basic) for everything."""
-    exe = shutil.which("docker-registry")
-    if exe is None:
-        raise FileNotFoundError("docker-registry is not installed")
-    base = tempfile.mkdtemp(prefix="registry-auth-", dir="/tmp")
-    htpasswd = os.path.join(base, "htpasswd")
-    with open(htpasswd, "w") as f:
-        f.write(htpasswd_line(user, password) + "\n")
-    for _ in range(3):  # the free port can be taken between probing and binding
-        port = free_port()
-        cfg = os.path.join(base, "config.yml")
-        with open(cfg, "w") as f:
-            f.write(CONFIG.format(storage=os.path.join(base, "storage"), port=port))
-            f.write(AUTH_CONFIG.format(htpasswd=htpasswd))
-        log_path = os.path.join(base, "registry.log")
-        with open(log_path, "ab") as logf:
-            proc = subprocess.Popen(
-                [exe, "serve", cfg], stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        reg = Registry(base, port, proc, log_path)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _serves(port):
-                return reg
-            time.sleep(0.05)
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(5)
-    text = reg.log()
-    shutil.rmtree(base, ignore_errors=True)
-    raise RuntimeError(f"docker-registry (htpasswd) did not come up:\n{text}")
+    config = AUTH_CONFIG.format(htpasswd="{base}/htpasswd")
+    files = {"htpasswd": htpasswd_line(user, password) + "\n"}
+    return _start("registry-auth-", config, _serves, timeout, files)
 
 
 def push_with_credentials(
     reg: Registry, layout: str, repo: str, user: str, password: str, tag: str = "latest"
 ) -> str:
     """``Registry.push`` for a registry that wants credentials; returns the reference."""
-    res = subprocess.run(
-        [
-            "skopeo",
-            "--insecure-policy",
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            f"--dest-creds={user}:{password}",
-            f"oci:{layout}:latest",
-            f"docker://{reg.ref(repo, tag)}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"skopeo push of {layout} failed: {res.stderr.strip()}")
-    return reg.ref(repo, tag)
+    return reg.push(layout, repo, tag, creds=f"{user}:{password}")
