@@ -18,18 +18,16 @@ registry-1.docker.io. Secrets never reach a log line or an error message.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import getpass
 import json
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from pyctr.api import dockerconfig
 from pyctr.api.errdefs import InvalidArgument
 
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
@@ -80,43 +78,24 @@ def _same_registry(a: str, b: str) -> bool:
 
 
 def _auth_entry(key: str, entry: dict[str, Any]) -> Credentials | None:
-    if entry.get("identitytoken"):
-        return Credentials("", str(entry["identitytoken"]))
-    if entry.get("auth"):
-        try:
-            raw = base64.b64decode(str(entry["auth"]), validate=False).decode()
-        except (binascii.Error, UnicodeDecodeError):
-            raise InvalidArgument(
-                f"docker config: auths[{key!r}]: auth is not base64 of user:password"
-            ) from None
-        user, sep, secret = raw.partition(":")
-        if not sep:
-            raise InvalidArgument(f"docker config: auths[{key!r}]: auth has no ':' between user and password")
-        return Credentials(user, secret)
-    if entry.get("username") or entry.get("password"):
-        return Credentials(str(entry.get("username", "")), str(entry.get("password", "")))
-    return None
+    try:
+        found = dockerconfig.decode_auth_entry(entry)
+    except ValueError as e:
+        raise InvalidArgument(f"docker config: auths[{key!r}]: {e}") from None
+    return Credentials(*found) if found else None
 
 
 def _run_helper(helper: str, server: str) -> Credentials | None:
-    """``docker-credential-<helper> get`` with the server on stdin (Docker's helper protocol)."""
-    exe = shutil.which(f"docker-credential-{helper}")
-    if exe is None:
-        raise InvalidArgument(f"docker config: credential helper docker-credential-{helper} is not installed")
+    """``docker-credential-<helper> get``; a missing or broken helper stops pyctr with its reason."""
     try:
-        res = subprocess.run([exe, "get"], input=server, capture_output=True, text=True, timeout=60)
+        found = dockerconfig.helper_get(helper, server)
+    except FileNotFoundError as e:
+        raise InvalidArgument(f"docker config: {e}") from None
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from None
     except (OSError, subprocess.SubprocessError) as e:
         raise InvalidArgument(f"docker-credential-{helper}: {e}") from None
-    if res.returncode != 0:
-        return None  # "credentials not found in native keychain": the helper's way to say none
-    try:
-        out = json.loads(res.stdout)
-        user, secret = str(out.get("Username", "")), str(out.get("Secret", ""))
-    except (ValueError, AttributeError):
-        raise InvalidArgument(f"docker-credential-{helper}: its answer is not the JSON expected") from None
-    if user == "<token>":  # Docker's marker for an identity token
-        user = ""
-    return Credentials(user, secret) if secret else None
+    return Credentials(*found) if found else None
 
 
 class DockerConfig:

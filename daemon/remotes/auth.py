@@ -30,11 +30,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import json
 import os
-import shutil
-import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -43,6 +40,7 @@ from urllib.parse import urlsplit
 
 import structlog
 
+from pyctr.api import dockerconfig
 from pyctr.api.errdefs import InvalidArgument, PermissionDenied
 
 log = structlog.get_logger("pyctrd.remotes")
@@ -91,47 +89,25 @@ def _same_registry(a: str, b: str) -> bool:
 
 
 def _decode_auth_entry(entry: dict[str, Any]) -> Credentials | None:
-    # An identity token wins, as containerd's CRI reads it: it is the refresh token for OAuth2.
-    if entry.get("identitytoken"):
-        return Credentials("", str(entry["identitytoken"]))
-    if entry.get("auth"):
-        try:
-            raw = base64.b64decode(str(entry["auth"]), validate=False).decode()
-        except (binascii.Error, UnicodeDecodeError) as e:
-            raise InvalidArgument(f"docker config: invalid auth entry: {e}") from e
-        user, sep, secret = raw.partition(":")
-        if not sep:
-            raise InvalidArgument("docker config: invalid auth entry: no ':' in the decoded value")
-        return Credentials(user, secret)
-    if entry.get("username") or entry.get("password"):
-        return Credentials(str(entry.get("username", "")), str(entry.get("password", "")))
-    return None
+    try:
+        found = dockerconfig.decode_auth_entry(entry)
+    except ValueError as e:
+        raise InvalidArgument(f"docker config: invalid auth entry: {e}") from e
+    return Credentials(*found) if found else None
 
 
 def _run_helper(helper: str, server: str) -> Credentials | None:
-    """``docker-credential-<helper> get`` with the server URL on stdin (Docker's protocol)."""
-    exe = shutil.which(f"docker-credential-{helper}")
-    if exe is None:
+    """``docker-credential-<helper> get``; a missing helper is logged and means no credentials."""
+    try:
+        found = dockerconfig.helper_get(helper, server, timeout=30)
+    except FileNotFoundError:
         log.warning("credential helper not installed", helper=f"docker-credential-{helper}")
         return None
-    res = subprocess.run([exe, "get"], input=server, capture_output=True, text=True, timeout=30)
-    if res.returncode != 0:
-        # "credentials not found in native keychain" is the helper's way of saying "none".
-        log.debug(
-            "credential helper found nothing",
-            helper=helper,
-            server=server,
-            output=res.stdout.strip() or res.stderr.strip(),
-        )
-        return None
-    try:
-        out = json.loads(res.stdout)
     except ValueError as e:
-        raise InvalidArgument(f"docker-credential-{helper}: invalid output: {e}") from e
-    user, secret = str(out.get("Username", "")), str(out.get("Secret", ""))
-    if user == "<token>":  # Docker's marker for an identity token
-        user = ""
-    return Credentials(user, secret) if secret else None
+        raise InvalidArgument(str(e)) from e
+    if found is None:
+        log.debug("credential helper found nothing", helper=helper, server=server)
+    return Credentials(*found) if found else None
 
 
 def docker_config_credentials(domain: str, path: str | None = None) -> Credentials | None:
