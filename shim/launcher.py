@@ -39,7 +39,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 SOCKET_NAME = "pyrunc-launcher.sock"
@@ -151,14 +151,18 @@ def launch(
 # -- server side (python -m pyctr.shim.launcher <sockdir>) ------------------------------------------
 
 
-def _fingerprint() -> str:
-    """Changes when any shim or api module on disk changes: a launcher must not fork old code."""
+def _source_dirs() -> tuple[str, ...]:
+    """The shim's and the api's source trees: what a forked shim runs."""
     import pyctr.api
     import pyctr.shim
 
+    return tuple(os.path.dirname(package.__file__ or "") for package in (pyctr.shim, pyctr.api))
+
+
+def _fingerprint(tops: Sequence[str]) -> str:
+    """Changes when any module under ``tops`` changes on disk: a launcher must not fork old code."""
     digest = hashlib.sha256()
-    for package in (pyctr.shim, pyctr.api):
-        top = os.path.dirname(package.__file__ or "")
+    for top in tops:
         for dirpath, dirnames, files in os.walk(top):
             dirnames[:] = sorted(d for d in dirnames if d not in ("_pb", "__pycache__"))
             for name in sorted(files):
@@ -239,8 +243,9 @@ class _Freshness:
     at most once per ``interval`` seconds, so a launcher notices new code within that time.
     """
 
-    def __init__(self, interval: float = 1.0) -> None:
-        self.fingerprint = _fingerprint()
+    def __init__(self, tops: Sequence[str], interval: float = 1.0) -> None:
+        self.tops = tuple(tops)
+        self.fingerprint = _fingerprint(self.tops)
         self.interval = interval
         self._checked = time.monotonic()
 
@@ -249,7 +254,7 @@ class _Freshness:
         if now - self._checked < self.interval:
             return False
         self._checked = now
-        return _fingerprint() != self.fingerprint
+        return _fingerprint(self.tops) != self.fingerprint
 
 
 def _handle(conn: socket.socket, sock: _Socket, freshness: _Freshness) -> bool:
@@ -352,7 +357,7 @@ def serve_launcher(sockdir: str) -> None:
     os.chdir("/")
     listener.set_inheritable(False)
     sock = _Socket(listener, os.path.join(sockdir, SOCKET_NAME))
-    freshness = _Freshness()
+    freshness = _Freshness(_source_dirs())
     _warm_up()
     _limit_malloc_arenas()
     gc.collect()

@@ -430,15 +430,21 @@ def test_publisher_retries_in_order_until_the_daemon_listens(tmp_path: object) -
     ]
 
 
-def test_launcher_notices_new_code_within_its_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_launcher_notices_new_code_within_its_interval(tmp_path: str) -> None:
     from pyctr.shim import launcher
 
-    monkeypatch.setattr(launcher, "_fingerprint", lambda: "old")
-    freshness = launcher._Freshness(interval=0.05)
-    monkeypatch.setattr(launcher, "_fingerprint", lambda: "new")
+    module = os.path.join(tmp_path, "mod.py")
+    with open(module, "w") as f:
+        f.write("x = 1\n")
+    before = os.stat(module)
+    freshness = launcher._Freshness([str(tmp_path)], interval=0.05)
+    with open(module, "w") as f:
+        f.write("x = 22\n")
     assert not freshness.stale()  # checked moments ago: not walked again yet
     time.sleep(0.06)
     assert freshness.stale()
-    monkeypatch.setattr(launcher, "_fingerprint", lambda: "old")
+    with open(module, "w") as f:  # the code the launcher started with, as it was
+        f.write("x = 1\n")
+    os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
     time.sleep(0.06)
     assert not freshness.stale()
