@@ -12,9 +12,8 @@ import time
 from typing import Any
 
 from pyctr.api.errdefs import FailedPrecondition, NotFound
-from pyctr.shim.bundle import read_pid_file
 from pyctr.shim.io import ConsoleSocket, ProcessIO, Stdio
-from pyctr.shim.process.init import InitProcess, runtime_error
+from pyctr.shim.process.init import InitProcess, launch, runtime_error
 from pyctr.shim.process.state import EXEC, Lifecycle, Monitor, Op
 from pyctr.shim.runc import RuncError
 
@@ -52,9 +51,8 @@ class ExecProcess(Lifecycle):
             if self._stdin_closed_early:
                 io.close_stdin()
             console = ConsoleSocket() if self.stdio.terminal else None
-            # Open before runc runs: the process may exit before runc exec returns (see reaper).
-            subscription = self._monitor.subscribe()
-            try:
+
+            async def run() -> None:
                 try:
                     await self.parent.runc.exec(
                         self.parent.id,
@@ -68,20 +66,8 @@ class ExecProcess(Lifecycle):
                     self.mark_exited(START_FAILED_STATUS, time.time())
                     self.release()
                     raise runtime_error(err, "OCI runtime exec failed") from None
-                finally:
-                    io.close_runc_ends()
-                master = await console.receive_master() if console else -1
-                io.start(master)
-                pid = read_pid_file(self.pid_file)
-            except BaseException:
-                subscription.close()
-                await io.close()
-                raise
-            finally:
-                if console is not None:
-                    console.close()
-            self.pid = pid
-            self._monitor.register(pid, self, subscription)
+
+            await launch(self, self._monitor, io, console, self.pid_file, run)
             self.commit(before, after)
 
     async def delete(self) -> None:

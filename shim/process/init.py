@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from pyctr.api.errdefs import ContainerdError, NotFound, Unknown
@@ -40,6 +41,38 @@ async def unmount_rootfs(target: str, *, retries: int = 50) -> None:
     while not mount.unmount_step(target, path, busy, retries):
         busy += 1
         await asyncio.sleep(0.05)
+
+
+async def launch(
+    proc: Lifecycle,
+    monitor: Monitor,
+    io: ProcessIO,
+    console: ConsoleSocket | None,
+    pid_file: str,
+    run: Callable[[], Awaitable[None]],
+) -> None:
+    """Runs ``run`` (runc create or exec, writing ``pid_file``) and takes the new process on: its
+    stdio starts copying (from the terminal master when there is a ``console``) and its exit goes
+    to ``proc``. The exit subscription is open before runc runs: the process may exit before runc
+    returns (see the reaper). On failure the stdio is closed and the error propagates."""
+    subscription = monitor.subscribe()
+    try:
+        try:
+            await run()
+        finally:
+            io.close_runc_ends()
+        master = await console.receive_master() if console else -1
+        io.start(master)
+        pid = read_pid_file(pid_file)
+    except BaseException:
+        subscription.close()
+        await io.close()
+        raise
+    finally:
+        if console is not None:
+            console.close()
+    proc.pid = pid
+    monitor.register(pid, proc, subscription)
 
 
 def runtime_error(err: RuncError, what: str) -> Unknown:
@@ -79,8 +112,8 @@ class InitProcess(Lifecycle):
         pid_file = os.path.join(cfg.bundle, INIT_PID_FILE)
         io = self.io = ProcessIO(cfg.stdio, uid=cfg.io_uid, gid=cfg.io_gid)
         console = ConsoleSocket() if cfg.stdio.terminal else None
-        subscription = self._monitor.subscribe()
-        try:
+
+        async def run() -> None:
             try:
                 await self.runc.create(
                     cfg.id,
@@ -93,20 +126,8 @@ class InitProcess(Lifecycle):
                 )
             except RuncError as err:
                 raise runtime_error(err, "OCI runtime create failed") from None
-            finally:
-                io.close_runc_ends()
-            master = await console.receive_master() if console else -1
-            io.start(master)
-            pid = read_pid_file(pid_file)
-        except BaseException:
-            subscription.close()
-            await io.close()
-            raise
-        finally:
-            if console is not None:
-                console.close()
-        self.pid = pid
-        self._monitor.register(pid, self, subscription)
+
+        await launch(self, self._monitor, io, console, pid_file, run)
 
     async def start(self) -> None:
         async with self.lock:
