@@ -19,6 +19,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/python hack/devlinks.py
 	touch $(STAMP)
 
 apt:
@@ -53,6 +54,7 @@ proto: setup
 
 bench-deps: setup
 	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python hack/devlinks.py
 
 bench: bench-deps
 	$(BIN)/python -m bench run
