@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import hashlib
 import json
 import os
@@ -311,7 +312,7 @@ class Exporter:
         imgs = []
         for name in names:
             try:
-                imgs.append(await self.db.view(lambda c, n=name: imagestore.get(c, ns, n)))
+                imgs.append(await self.db.view(functools.partial(imagestore.get, ns=ns, name=name)))
             except errdefs.NotFound:
                 raise errdefs.NotFound(f"image {name!r}") from None
         blobs: dict[str, int] = {}  # digest -> size, in write order, children first

@@ -32,6 +32,8 @@ from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.errdefs import AlreadyExists, DeadlineExceeded, NotFound
 
 if TYPE_CHECKING:
+    from betterproto2 import Message
+
     from pyctr.daemon.remotes.auth import Credentials
 
 # How long the daemon waits for the client's answer on an auth stream. The client answers from
@@ -47,7 +49,7 @@ class SideStream:
         self.incoming: asyncio.Queue[PbAny | None] = asyncio.Queue()
         self.closed = False
 
-    def send(self, message: object) -> None:
+    def send(self, message: Message) -> None:
         if self.closed:
             return
         url, value = typeurl.marshal(message)
