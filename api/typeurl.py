@@ -34,8 +34,11 @@ def _pool() -> Any:
 
 
 def type_url(message: Message | type[Message]) -> str:
+    from pyctr.api._pb.message_pool import default_message_pool
+
     cls = message if isinstance(message, type) else type(message)
-    url = _pool().type_to_url.get(cls)
+    # A generated class registered itself when its module ran: no need to import all the others.
+    url = default_message_pool.type_to_url.get(cls) or _pool().type_to_url.get(cls)
     if url is None:
         raise KeyError(f"{cls.__qualname__} is not a registered protobuf message")
     return str(url).removeprefix(_PREFIX)

@@ -11,7 +11,7 @@ from pyctr.api import ttrpc
 from pyctr.daemon import plugin, sdnotify
 from pyctr.daemon.builtins import BUILTINS
 from pyctr.daemon.config import Config
-from pyctr.daemon.server import GRPCServer, SocketInUse, prepare_socket
+from pyctr.daemon.server import GRPCServer, LazyService, SocketInUse, prepare_socket
 
 log = structlog.get_logger("pyctrd")
 
@@ -54,7 +54,7 @@ class Daemon:
         for instance in self.registry.instances(plugin.GRPC):
             services.extend(instance if isinstance(instance, list | tuple) else [instance])
         self.grpc = GRPCServer(
-            [s for s in services if hasattr(s, "__mapping__")],
+            [s for s in services if isinstance(s, LazyService) or hasattr(s, "__mapping__")],
             max_recv=cfg.grpc.max_recv_message_size,
             max_send=cfg.grpc.max_send_message_size,
         )

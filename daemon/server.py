@@ -207,8 +207,16 @@ class _Call:
         self.abort: tuple[int, int | None, str | None, bool] | None = None
 
 
-def _interpret(mapping: dict[str, Handler], fields: list[tuple[str, str]]) -> _Call:
-    """The checks grpclib's request handler makes, in its order, with its answers."""
+def _interpret(
+    mapping: dict[str, Handler],
+    fields: list[tuple[str, str]],
+    load: Callable[[str], bool] | None = None,
+) -> _Call:
+    """The checks grpclib's request handler makes, in its order, with its answers.
+
+    ``load(service)`` is asked for a method not in ``mapping``; True means it added the service's
+    methods (a :class:`LazyService` loaded by its first call).
+    """
     call = _Call(fields)
     method = content_type = te = timeout = namespace = lease = None
     for name, value in fields:
@@ -240,6 +248,8 @@ def _interpret(mapping: dict[str, Handler], fields: list[tuple[str, str]]) -> _C
         call.abort = (400, Status.UNKNOWN.value, 'Required "te: trailers" header is missing', False)
     else:
         call.handler = mapping.get(call.path)
+        if call.handler is None and load is not None and load(call.path[1:].partition("/")[0]):
+            call.handler = mapping.get(call.path)
         if call.handler is None:
             service, _, name = call.path.lstrip("/").partition("/")
             message = f"unknown method {name} for service {service}"
@@ -916,6 +926,26 @@ class _Connection(asyncio.Protocol):
 # -- the server ------------------------------------------------------------------------------------
 
 
+class LazyService:
+    """A gRPC service whose code is imported by its first call, not by the daemon's start-up.
+
+    Start-up time is imports (docs/benchmarks.md): a service's generated messages and its module
+    cost milliseconds each, and most daemons never see most services called. ``load`` returns the
+    real service (an object with ``__mapping__``); it runs once, on the loop, when the first call
+    for one of ``names`` (full service names, ``containerd.services.tasks.v1.Tasks``) arrives.
+    """
+
+    def __init__(self, names: Collection[str], load: Callable[[], Any]) -> None:
+        self.names = tuple(names)
+        self._load = load
+        self.service: Any = None
+
+    def load(self) -> Any:
+        if self.service is None:
+            self.service = self._load()
+        return self.service
+
+
 class _Server:
     """Listens, owns the connections, runs calls; ``start``/``close``/``wait_closed`` as grpclib's."""
 
@@ -927,8 +957,12 @@ class _Server:
         inflight: set[asyncio.Task[Any]],
     ) -> None:
         mapping: dict[str, Handler] = {}
+        self.lazy: dict[str, LazyService] = {}
         for service in services:
-            mapping.update(service.__mapping__())
+            if isinstance(service, LazyService):
+                self.lazy.update(dict.fromkeys(service.names, service))
+            else:
+                mapping.update(service.__mapping__())
         self.mapping = mapping
         self.codec = codec
         self.on_request = on_request
@@ -937,7 +971,23 @@ class _Server:
         self._server: asyncio.AbstractServer | None = None
 
     def interpret(self, fields: list[tuple[str, str]]) -> _Call:
-        return _interpret(self.mapping, fields)
+        return _interpret(self.mapping, fields, self._load if self.lazy else None)
+
+    def _load(self, name: str) -> bool:
+        lazy = self.lazy.get(name)
+        if lazy is None:
+            return False
+        # A failure to load is not remembered: every call reports it (UNIMPLEMENTED, as for a
+        # service that is not there) and the next one tries again.
+        try:
+            service = lazy.load()
+        except Exception as exc:
+            log.error("loading gRPC service failed", service=name, error=str(exc), exc_info=exc)
+            return False
+        for other in lazy.names:
+            self.lazy.pop(other, None)
+        self.mapping.update(service.__mapping__())
+        return True
 
     async def start(self, *, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()

@@ -14,20 +14,24 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import structlog
 
 from pyctr.api import errdefs, pbutil
-from pyctr.api._pb.containerd.events import TaskDelete, TaskExit
-from pyctr.api._pb.containerd.task import v2 as task
-from pyctr.api._pb.containerd.types import Mount as PbMount
-from pyctr.api._pb.containerd.v1.types import Status
-from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.mount import Mount
 from pyctr.daemon.events import Exchange
 from pyctr.daemon.runtime import bundle as bundlemod
 from pyctr.daemon.runtime.bundle import Bundle
-from pyctr.daemon.runtime.shim import ShimBinary, ShimConnection
+
+if TYPE_CHECKING:
+    from pyctr.api._pb.containerd.task import v2 as task
+    from pyctr.api._pb.containerd.types import Mount as PbMount
+    from pyctr.api._pb.google.protobuf import Any as PbAny
+    from pyctr.daemon.runtime.shim import ShimBinary, ShimConnection
+
+# The shim client and the task API's messages are imported by the first task (created, or found
+# at start-up), not by every daemon start: a daemon with no tasks never needs them.
 
 log = structlog.get_logger("pyctrd.runtime")
 
@@ -117,6 +121,9 @@ class TaskManager:
         request: task.CreateTaskRequest,
         runtime_options: PbAny | None,
     ) -> Task:
+        from pyctr.api._pb.containerd.task import v2 as task
+        from pyctr.daemon.runtime.shim import ShimBinary, ShimConnection
+
         if (ns, task_id) in self.tasks:
             raise errdefs.AlreadyExists(f"task {task_id}")
         binary = ShimBinary(self.resolve(runtime), self.grpc_address, self.ttrpc_address, self.debug)
@@ -140,6 +147,9 @@ class TaskManager:
 
     async def _abandon(self, t: Task) -> None:
         """Undo a failed create: the shim goes, the bundle goes, nothing is reported."""
+        from pyctr.api._pb.containerd.task import v2 as task
+        from pyctr.daemon.runtime.shim import ShimConnection
+
         t.deleting = True
         if t.shim is None and os.path.exists(t.bundle.address_path):
             # The shim came up but we never got to talk to it: reach it to tell it to go.
@@ -158,6 +168,8 @@ class TaskManager:
 
     async def delete(self, ns: str, task_id: str) -> task.DeleteResponse:
         """Delete the task's init process; the shim then exits and the bundle goes."""
+        from pyctr.api._pb.containerd.task import v2 as task
+
         t = self.get(ns, task_id)
         assert t.shim is not None
         resp = await t.shim.call("Delete", task.DeleteRequest(id=task_id), task.DeleteResponse)
@@ -214,6 +226,8 @@ class TaskManager:
 
     async def _cleanup_dead(self, t: Task, exit_status: int | None = None) -> None:
         """The shim is gone: let its binary clean up, then report the task as exited."""
+        from pyctr.api._pb.containerd.events import TaskDelete, TaskExit
+
         pid, status, exited_at = t.pid, 137 if exit_status is None else exit_status, time.time_ns()
         try:
             resp = await t.binary.delete(t.bundle)
@@ -246,6 +260,11 @@ class TaskManager:
         await asyncio.gather(*(self._restore_one(b) for b in bundles))
 
     async def _restore_one(self, b: Bundle) -> None:
+        from pyctr.api._pb.containerd.events import TaskExit
+        from pyctr.api._pb.containerd.task import v2 as task
+        from pyctr.api._pb.containerd.v1.types import Status
+        from pyctr.daemon.runtime.shim import ShimBinary, ShimConnection
+
         try:
             binary_path = b.read("shim-binary-path")
         except OSError:
@@ -297,4 +316,6 @@ class TaskManager:
 
 
 def mounts_message(mounts: Sequence[Mount]) -> list[PbMount]:
+    from pyctr.api._pb.containerd.types import Mount as PbMount
+
     return [PbMount(type=m.type, source=m.source, target=m.target, options=list(m.options)) for m in mounts]

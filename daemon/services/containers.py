@@ -128,14 +128,9 @@ class ContainersService(pb.ContainersBase):
         return Empty()
 
 
-async def _init(ic: plugin.InitContext) -> ContainersService:
+def service(ic: plugin.InitContext) -> ContainersService:
     try:
         gc = ic.get(plugin.GC)
     except plugin.PluginNotFound:
         gc = None
     return ContainersService(ic.get(plugin.METADATA), ic.get(plugin.EVENT), gc)
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC, id="containers", init=_init, requires=(plugin.METADATA, plugin.EVENT, plugin.GC)
-)

@@ -14,7 +14,6 @@ from pyctr.api._pb.google.protobuf import Empty
 from pyctr.api.errdefs import AlreadyExists, InvalidArgument, OutOfRange
 from pyctr.api.wire import varint
 from pyctr.daemon import plugin
-from pyctr.daemon.content.local import LocalStore
 from pyctr.daemon.content.store import ContentStore, NamespacedWriter, Status
 from pyctr.daemon.events import Exchange
 from pyctr.daemon.metadata import content as meta
@@ -293,20 +292,5 @@ class ContentService(pb.ContentBase):
         return True
 
 
-async def _init_store(ic: plugin.InitContext) -> ContentStore:
-    ic.exports["root"] = ic.root
-    return ContentStore(ic.get(plugin.METADATA), LocalStore(ic.root))
-
-
-STORE_REGISTRATION = plugin.Registration(
-    type=plugin.CONTENT, id="content", init=_init_store, requires=(plugin.METADATA,)
-)
-
-
-async def _init(ic: plugin.InitContext) -> ContentService:
+def service(ic: plugin.InitContext) -> ContentService:
     return ContentService(ic.get(plugin.CONTENT), ic.get(plugin.EVENT))
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC, id="content", init=_init, requires=(plugin.CONTENT, plugin.EVENT)
-)

@@ -46,18 +46,5 @@ class DiffService(pb.DiffBase):
         return pb.DiffResponse(diff=descriptor_message(made))
 
 
-async def _init_differ(ic: plugin.InitContext) -> Differ:
-    ic.set_platform()
-    return Differ(ic.get(plugin.CONTENT))
-
-
-DIFFER_REGISTRATION = plugin.Registration(
-    type=plugin.DIFF, id="walking", init=_init_differ, requires=(plugin.CONTENT,)
-)
-
-
-async def _init(ic: plugin.InitContext) -> DiffService:
+def service(ic: plugin.InitContext) -> DiffService:
     return DiffService(ic.get(plugin.DIFF))
-
-
-REGISTRATION = plugin.Registration(type=plugin.GRPC, id="diff", init=_init, requires=(plugin.DIFF,))

@@ -1,4 +1,4 @@
-"""containerd.services.events.v1.Events over gRPC, and the ttrpc Events.Forward used by shims."""
+"""containerd.services.events.v1.Events over gRPC (the ttrpc Events.Forward is ``events_ttrpc``)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,11 @@ from pyctr.api._pb.containerd.services.events import v1 as pb
 from pyctr.api._pb.containerd.services.events.ttrpc import v1 as ttrpc_pb
 from pyctr.api._pb.google.protobuf import Empty
 from pyctr.api.errdefs import InvalidArgument
-from pyctr.api.ttrpc import Context, Server
 from pyctr.daemon import plugin
 from pyctr.daemon.events import Envelope, Exchange
 
-TTRPC_SERVICE = "containerd.services.events.ttrpc.v1.Events"
 
-
-def _envelope(msg: pb.Envelope | ttrpc_pb.Envelope | None) -> Envelope:
+def envelope(msg: pb.Envelope | ttrpc_pb.Envelope | None) -> Envelope:
     if msg is None:
         raise InvalidArgument("envelope must be set")
     if msg.event is None:
@@ -54,7 +51,7 @@ class EventsService(pb.EventsBase):
         return Empty()
 
     async def forward(self, message: pb.ForwardRequest) -> Empty:
-        self.exchange.forward(_envelope(message.envelope))
+        self.exchange.forward(envelope(message.envelope))
         return Empty()
 
     async def subscribe(self, message: pb.SubscribeRequest) -> AsyncIterator[pb.Envelope]:
@@ -62,26 +59,6 @@ class EventsService(pb.EventsBase):
         async for env in self.exchange.subscribe(message.filters):
             yield envelope_message(env)
 
-    def register_ttrpc(self, server: Server) -> None:
-        async def forward(payload: bytes, ctx: Context) -> bytes:
-            req = ttrpc_pb.ForwardRequest.parse(payload)
-            self.exchange.forward(_envelope(req.envelope))
-            return b""
 
-        server.register(TTRPC_SERVICE, {"Forward": forward})
-
-
-async def _init(ic: plugin.InitContext) -> EventsService:
+def service(ic: plugin.InitContext) -> EventsService:
     return EventsService(ic.get(plugin.EVENT))
-
-
-REGISTRATION = plugin.Registration(type=plugin.GRPC, id="events", init=_init, requires=(plugin.EVENT,))
-
-
-async def _init_ttrpc(ic: plugin.InitContext) -> EventsService:
-    return EventsService(ic.get(plugin.EVENT))
-
-
-TTRPC_REGISTRATION = plugin.Registration(
-    type=plugin.TTRPC, id="events", init=_init_ttrpc, requires=(plugin.EVENT,)
-)

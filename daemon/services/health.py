@@ -32,8 +32,5 @@ class HealthService(HealthBase):
         await asyncio.Event().wait()
 
 
-async def _init(ic: plugin.InitContext) -> HealthService:
+def service(ic: plugin.InitContext) -> HealthService:
     return HealthService()
-
-
-REGISTRATION = plugin.Registration(type=plugin.GRPC, id="healthcheck", init=_init)

@@ -81,14 +81,9 @@ class ImagesService(pb.ImagesBase):
         return Empty()
 
 
-async def _init(ic: plugin.InitContext) -> ImagesService:
+def service(ic: plugin.InitContext) -> ImagesService:
     try:
         gc = ic.get(plugin.GC)
     except plugin.PluginNotFound:
         gc = None
     return ImagesService(ic.get(plugin.METADATA), ic.get(plugin.EVENT), gc)
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC, id="images", init=_init, requires=(plugin.METADATA, plugin.EVENT, plugin.GC)
-)

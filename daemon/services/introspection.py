@@ -78,8 +78,5 @@ def _pidns() -> int:
         return 0
 
 
-async def _init(ic: plugin.InitContext) -> IntrospectionService:
+def service(ic: plugin.InitContext) -> IntrospectionService:
     return IntrospectionService(ic.registry, load_uuid(os.path.join(ic.root, "uuid")))
-
-
-REGISTRATION = plugin.Registration(type=plugin.GRPC, id="introspection", init=_init)

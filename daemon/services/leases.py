@@ -66,14 +66,9 @@ class LeasesService(pb.LeasesBase):
         return pb.ListResourcesResponse(resources=[pb.Resource(id=r.id, type=r.type) for r in found])
 
 
-async def _init(ic: plugin.InitContext) -> LeasesService:
+def service(ic: plugin.InitContext) -> LeasesService:
     try:
         gc = ic.get(plugin.GC)
     except plugin.PluginNotFound:
         gc = None  # without a collector nothing is ever reclaimed; sync has nothing to wait for
     return LeasesService(ic.get(plugin.METADATA), gc)
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC, id="leases", init=_init, requires=(plugin.METADATA, plugin.GC)
-)

@@ -99,10 +99,5 @@ class NamespacesService(NamespacesBase):
         return Empty()
 
 
-async def _init(ic: plugin.InitContext) -> NamespacesService:
+def service(ic: plugin.InitContext) -> NamespacesService:
     return NamespacesService(ic.get(plugin.METADATA), ic.get(plugin.EVENT))
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC, id="namespaces", init=_init, requires=(plugin.METADATA, plugin.EVENT)
-)

@@ -123,10 +123,5 @@ class SnapshotsService(pb.SnapshotsBase):
         return Empty()
 
 
-async def _init(ic: plugin.InitContext) -> SnapshotsService:
+def service(ic: plugin.InitContext) -> SnapshotsService:
     return SnapshotsService(ic.get_by_id(plugin.SERVICE, "snapshots-service"), ic.get(plugin.EVENT))
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC, id="snapshots", init=_init, requires=(plugin.SERVICE, plugin.EVENT)
-)

@@ -48,15 +48,5 @@ class StreamingService(pb.StreamingBase):
                 await reader
 
 
-async def _init_manager(ic: plugin.InitContext) -> StreamManager:
-    return StreamManager()
-
-
-MANAGER_REGISTRATION = plugin.Registration(type=plugin.INTERNAL, id="streaming", init=_init_manager)
-
-
-async def _init(ic: plugin.InitContext) -> StreamingService:
-    return StreamingService(ic.get_by_id(plugin.INTERNAL, "streaming"))
-
-
-REGISTRATION = plugin.Registration(type=plugin.GRPC, id="streaming", init=_init, requires=(plugin.INTERNAL,))
+def service(ic: plugin.InitContext) -> StreamingService:
+    return StreamingService(ic.get_by_id(plugin.INTERNAL, "streaming").manager)

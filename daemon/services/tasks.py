@@ -243,42 +243,5 @@ class TasksService(pb.TasksBase):
         raise NotImplementedErr("checkpoint images are not supported yet")
 
 
-async def _init_runtime(ic: plugin.InitContext) -> TaskManager:
-    import os
-    import sys
-
-    cfg = ic.plugin_config
-    manager = TaskManager(
-        root=ic.root,
-        state=ic.state,
-        grpc_address=ic.config.grpc.address,
-        ttrpc_address=ic.config.ttrpc_address,
-        exchange=ic.get(plugin.EVENT),
-        runtimes=dict(cfg.get("runtimes", {})) or None,
-        # Our own shim is installed beside pyctrd (in the venv or /usr/local/bin).
-        search_path=[os.path.dirname(os.path.abspath(sys.argv[0]))] if sys.argv and sys.argv[0] else [],
-    )
-    manager.debug = ic.config.debug.level in ("debug", "trace")
-    os.makedirs(ic.root, mode=0o711, exist_ok=True)
-    os.makedirs(ic.state, mode=0o711, exist_ok=True)
-    ic.set_platform()
-    await manager.restore()
-    return manager
-
-
-RUNTIME_REGISTRATION = plugin.Registration(
-    type=plugin.RUNTIME,
-    id="task",
-    init=_init_runtime,
-    requires=(plugin.EVENT, plugin.METADATA),
-    config={"runtimes": {"io.containerd.runc.v2": "containerd-shim-pyrunc-v2"}},
-)
-
-
-async def _init(ic: plugin.InitContext) -> TasksService:
+def service(ic: plugin.InitContext) -> TasksService:
     return TasksService(ic.get(plugin.METADATA), ic.get(plugin.RUNTIME))
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC, id="tasks", init=_init, requires=(plugin.METADATA, plugin.RUNTIME)
-)

@@ -254,7 +254,7 @@ class TransferService(pb.TransferBase):
             side.close()
 
 
-async def _init(ic: plugin.InitContext) -> TransferService:
+def service(ic: plugin.InitContext) -> TransferService:
     db = ic.get(plugin.METADATA)
     content = ic.get(plugin.CONTENT)
     snapshotters = ic.get_by_id(plugin.SERVICE, "snapshots-service")
@@ -294,14 +294,4 @@ async def _init(ic: plugin.InitContext) -> TransferService:
         return Importer(db=db, content=content, snapshotters=snapshotters, differ=differ, exchange=exchange)
 
     workers = Workers(puller=make_puller, pusher=make_pusher, exporter=make_exporter, importer=make_importer)
-    return TransferService(workers, ic.get_by_id(plugin.INTERNAL, "streaming"))
-
-
-REGISTRATION = plugin.Registration(
-    type=plugin.GRPC,
-    id="transfer",
-    init=_init,
-    requires=(plugin.METADATA, plugin.CONTENT, plugin.SERVICE, plugin.DIFF, plugin.EVENT, plugin.INTERNAL),
-    # Where per-registry hosts.toml files live (containerd's registry config_path).
-    config={"config_path": "/etc/pyctrd/certs.d"},
-)
+    return TransferService(workers, ic.get_by_id(plugin.INTERNAL, "streaming").manager)

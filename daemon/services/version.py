@@ -13,8 +13,5 @@ class VersionService(VersionBase):
         return VersionResponse(version=VERSION, revision=REVISION)
 
 
-async def _init(ic: plugin.InitContext) -> VersionService:
+def service(ic: plugin.InitContext) -> VersionService:
     return VersionService()
-
-
-REGISTRATION = plugin.Registration(type=plugin.GRPC, id="version", init=_init)

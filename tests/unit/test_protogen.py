@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import importlib
+import importlib.metadata
 import inspect
 import subprocess
 import sys
@@ -290,3 +291,39 @@ def test_refuses_to_replace_a_directory_it_did_not_write(tmp_path: Path) -> None
     with pytest.raises(protogen.ProtogenError, match="not written by protogen"):
         protogen.install(tmp_path / "staging", tmp_path)
     assert (tmp_path / "notes.txt").exists()
+
+
+def test_own_grpc_bases_are_betterproto2s() -> None:
+    """``pyctr.api.pbgrpc`` is a copy of betterproto2's two base classes (to keep grpclib's server
+    out of every import of generated code); a betterproto2 upgrade must refresh it."""
+    import betterproto2.grpclib.grpclib_client as upstream_client
+    import betterproto2.grpclib.grpclib_server as upstream_server
+
+    from pyctr.api import pbgrpc
+
+    assert importlib.metadata.version("betterproto2") == "0.10.0"
+    for ours, theirs in (
+        (pbgrpc.ServiceStub, upstream_client.ServiceStub),
+        (pbgrpc.ServiceBase, upstream_server.ServiceBase),
+    ):
+        own = {k: v for k, v in vars(ours).items() if not k.startswith("__") or k == "__init__"}
+        upstream = {k: v for k, v in vars(theirs).items() if not k.startswith("__") or k == "__init__"}
+        assert sorted(own) == sorted(upstream)
+        for name, value in own.items():
+            if name == "_abc_impl":
+                continue
+            mine, other = (
+                getattr(value, "__func__", value),
+                getattr(upstream[name], "__func__", upstream[name]),
+            )
+            assert mine.__code__.co_code == other.__code__.co_code, name
+
+
+def test_generated_code_does_not_import_grpclib_server() -> None:
+    code = (
+        "import sys\n"
+        "import pyctr.api._pb.containerd.services.tasks.v1, pyctr.api._pb.google.protobuf\n"
+        "print(' '.join(m for m in ('grpclib.server', 'h2', 'dateutil') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == []

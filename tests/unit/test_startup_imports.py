@@ -10,7 +10,30 @@ from __future__ import annotations
 import subprocess
 import sys
 
-DEFERRED = ("aiohttp", "tarfile", "isal", "zstandard", "pyctr.snapshotter.layer", "pkgutil")
+DEFERRED = (
+    "aiohttp",
+    "tarfile",
+    "isal",
+    "zstandard",
+    "pyctr.snapshotter.layer",
+    "pkgutil",
+    # The gRPC services load with their first call (daemon/services/__init__.py), the task API
+    # with the first task, the transfer side streams with the first Streaming or Transfer call.
+    "pyctr.daemon.services.version",
+    "pyctr.daemon.services.tasks",
+    "pyctr.daemon.services.containers",
+    "pyctr.daemon.services.content",
+    "pyctr.daemon.services.events",
+    "pyctr.daemon.runtime.shim",
+    "pyctr.daemon.transfer.streams",
+    "pyctr.api._pb.containerd.task.v2",
+    "pyctr.api._pb.containerd.events",
+    "pyctr.api._pb.containerd.services.version.v1",
+    # Generated code takes its service bases from pyctr.api.pbgrpc, not betterproto2.grpclib.
+    "grpclib.server",
+    "h2",
+    "dateutil",
+)
 
 
 def test_start_up_leaves_out_what_the_first_request_needs() -> None:
@@ -21,3 +44,19 @@ def test_start_up_leaves_out_what_the_first_request_needs() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == []
+
+
+def test_every_grpc_service_loads_under_its_declared_name() -> None:
+    """Each lazily loaded service serves exactly the service name its registration declares."""
+    import importlib
+
+    from pyctr.daemon import plugin, services
+    from pyctr.daemon.builtins import BUILTINS
+
+    ids = {r.id for r in BUILTINS if r.type == plugin.GRPC}
+    assert ids == set(services.DECLARED)
+    for id_, (name, module) in services.DECLARED.items():
+        mod = importlib.import_module(f"pyctr.daemon.services.{module}")
+        cls = getattr(mod, mod.service.__annotations__["return"])
+        paths = {path.split("/")[1] for path in cls.__mapping__(object.__new__(cls))}
+        assert paths == {name}, id_

@@ -46,6 +46,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class ContainerCreate(betterproto2.Message):
+    """containerd.events.ContainerCreate"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     image: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -58,6 +60,8 @@ default_message_pool.register_message("containerd.events", "ContainerCreate", Co
 
 @dataclass(eq=False, repr=False)
 class ContainerCreateRuntime(betterproto2.Message):
+    """containerd.events.ContainerCreate.Runtime"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     options: "__google__protobuf__.Any | None" = betterproto2.field(
@@ -70,6 +74,8 @@ default_message_pool.register_message("containerd.events", "ContainerCreate.Runt
 
 @dataclass(eq=False, repr=False)
 class ContainerDelete(betterproto2.Message):
+    """containerd.events.ContainerDelete"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -78,6 +84,8 @@ default_message_pool.register_message("containerd.events", "ContainerDelete", Co
 
 @dataclass(eq=False, repr=False)
 class ContainerUpdate(betterproto2.Message):
+    """containerd.events.ContainerUpdate"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     image: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -112,6 +120,8 @@ default_message_pool.register_message("containerd.events", "ContentCreate", Cont
 
 @dataclass(eq=False, repr=False)
 class ContentDelete(betterproto2.Message):
+    """containerd.events.ContentDelete"""
+
     digest: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -120,6 +130,8 @@ default_message_pool.register_message("containerd.events", "ContentDelete", Cont
 
 @dataclass(eq=False, repr=False)
 class NamespaceCreate(betterproto2.Message):
+    """containerd.events.NamespaceCreate"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     labels: "dict[str, str]" = betterproto2.field(
@@ -134,6 +146,8 @@ default_message_pool.register_message("containerd.events", "NamespaceCreate", Na
 
 @dataclass(eq=False, repr=False)
 class NamespaceDelete(betterproto2.Message):
+    """containerd.events.NamespaceDelete"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -142,6 +156,8 @@ default_message_pool.register_message("containerd.events", "NamespaceDelete", Na
 
 @dataclass(eq=False, repr=False)
 class NamespaceUpdate(betterproto2.Message):
+    """containerd.events.NamespaceUpdate"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     labels: "dict[str, str]" = betterproto2.field(
@@ -156,6 +172,8 @@ default_message_pool.register_message("containerd.events", "NamespaceUpdate", Na
 
 @dataclass(eq=False, repr=False)
 class SandboxCreate(betterproto2.Message):
+    """containerd.events.SandboxCreate"""
+
     sandbox_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -164,6 +182,8 @@ default_message_pool.register_message("containerd.events", "SandboxCreate", Sand
 
 @dataclass(eq=False, repr=False)
 class SandboxExit(betterproto2.Message):
+    """containerd.events.SandboxExit"""
+
     sandbox_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exit_status: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
@@ -178,6 +198,8 @@ default_message_pool.register_message("containerd.events", "SandboxExit", Sandbo
 
 @dataclass(eq=False, repr=False)
 class SandboxStart(betterproto2.Message):
+    """containerd.events.SandboxStart"""
+
     sandbox_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -186,6 +208,8 @@ default_message_pool.register_message("containerd.events", "SandboxStart", Sandb
 
 @dataclass(eq=False, repr=False)
 class SnapshotCommit(betterproto2.Message):
+    """containerd.events.SnapshotCommit"""
+
     key: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -198,6 +222,8 @@ default_message_pool.register_message("containerd.events", "SnapshotCommit", Sna
 
 @dataclass(eq=False, repr=False)
 class SnapshotPrepare(betterproto2.Message):
+    """containerd.events.SnapshotPrepare"""
+
     key: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     parent: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -210,6 +236,8 @@ default_message_pool.register_message("containerd.events", "SnapshotPrepare", Sn
 
 @dataclass(eq=False, repr=False)
 class SnapshotRemove(betterproto2.Message):
+    """containerd.events.SnapshotRemove"""
+
     key: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     snapshotter: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
@@ -220,6 +248,8 @@ default_message_pool.register_message("containerd.events", "SnapshotRemove", Sna
 
 @dataclass(eq=False, repr=False)
 class TaskCheckpointed(betterproto2.Message):
+    """containerd.events.TaskCheckpointed"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     checkpoint: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -230,6 +260,8 @@ default_message_pool.register_message("containerd.events", "TaskCheckpointed", T
 
 @dataclass(eq=False, repr=False)
 class TaskCreate(betterproto2.Message):
+    """containerd.events.TaskCreate"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     bundle: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -248,6 +280,8 @@ default_message_pool.register_message("containerd.events", "TaskCreate", TaskCre
 
 @dataclass(eq=False, repr=False)
 class TaskDelete(betterproto2.Message):
+    """containerd.events.TaskDelete"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     pid: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
@@ -269,6 +303,8 @@ default_message_pool.register_message("containerd.events", "TaskDelete", TaskDel
 
 @dataclass(eq=False, repr=False)
 class TaskExecAdded(betterproto2.Message):
+    """containerd.events.TaskExecAdded"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -279,6 +315,8 @@ default_message_pool.register_message("containerd.events", "TaskExecAdded", Task
 
 @dataclass(eq=False, repr=False)
 class TaskExecStarted(betterproto2.Message):
+    """containerd.events.TaskExecStarted"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -291,6 +329,8 @@ default_message_pool.register_message("containerd.events", "TaskExecStarted", Ta
 
 @dataclass(eq=False, repr=False)
 class TaskExit(betterproto2.Message):
+    """containerd.events.TaskExit"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -312,6 +352,8 @@ default_message_pool.register_message("containerd.events", "TaskExit", TaskExit)
 
 @dataclass(eq=False, repr=False)
 class TaskIo(betterproto2.Message):
+    """containerd.events.TaskIO"""
+
     stdin: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     stdout: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -326,6 +368,8 @@ default_message_pool.register_message("containerd.events", "TaskIO", TaskIo)
 
 @dataclass(eq=False, repr=False)
 class TaskOom(betterproto2.Message):
+    """containerd.events.TaskOOM"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -334,6 +378,8 @@ default_message_pool.register_message("containerd.events", "TaskOOM", TaskOom)
 
 @dataclass(eq=False, repr=False)
 class TaskPaused(betterproto2.Message):
+    """containerd.events.TaskPaused"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -342,6 +388,8 @@ default_message_pool.register_message("containerd.events", "TaskPaused", TaskPau
 
 @dataclass(eq=False, repr=False)
 class TaskResumed(betterproto2.Message):
+    """containerd.events.TaskResumed"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -350,6 +398,8 @@ default_message_pool.register_message("containerd.events", "TaskResumed", TaskRe
 
 @dataclass(eq=False, repr=False)
 class TaskStart(betterproto2.Message):
+    """containerd.events.TaskStart"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     pid: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)

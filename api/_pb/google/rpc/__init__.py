@@ -18,6 +18,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class Status(betterproto2.Message):
+    """google.rpc.Status"""
+
     code: "int" = betterproto2.field(1, betterproto2.TYPE_INT32)
     """
     A google.rpc.Code value.

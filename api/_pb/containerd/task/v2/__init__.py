@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from ....message_pool import default_message_pool
 
@@ -56,6 +56,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class CheckpointTaskRequest(betterproto2.Message):
+    """containerd.task.v2.CheckpointTaskRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     path: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -70,6 +72,8 @@ default_message_pool.register_message("containerd.task.v2", "CheckpointTaskReque
 
 @dataclass(eq=False, repr=False)
 class CloseIoRequest(betterproto2.Message):
+    """containerd.task.v2.CloseIORequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -82,6 +86,8 @@ default_message_pool.register_message("containerd.task.v2", "CloseIORequest", Cl
 
 @dataclass(eq=False, repr=False)
 class ConnectRequest(betterproto2.Message):
+    """containerd.task.v2.ConnectRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -90,6 +96,8 @@ default_message_pool.register_message("containerd.task.v2", "ConnectRequest", Co
 
 @dataclass(eq=False, repr=False)
 class ConnectResponse(betterproto2.Message):
+    """containerd.task.v2.ConnectResponse"""
+
     shim_pid: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
 
     task_pid: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
@@ -102,6 +110,8 @@ default_message_pool.register_message("containerd.task.v2", "ConnectResponse", C
 
 @dataclass(eq=False, repr=False)
 class CreateTaskRequest(betterproto2.Message):
+    """containerd.task.v2.CreateTaskRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     bundle: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -133,6 +143,8 @@ default_message_pool.register_message("containerd.task.v2", "CreateTaskRequest",
 
 @dataclass(eq=False, repr=False)
 class CreateTaskResponse(betterproto2.Message):
+    """containerd.task.v2.CreateTaskResponse"""
+
     pid: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
 
 
@@ -141,6 +153,8 @@ default_message_pool.register_message("containerd.task.v2", "CreateTaskResponse"
 
 @dataclass(eq=False, repr=False)
 class DeleteRequest(betterproto2.Message):
+    """containerd.task.v2.DeleteRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -151,6 +165,8 @@ default_message_pool.register_message("containerd.task.v2", "DeleteRequest", Del
 
 @dataclass(eq=False, repr=False)
 class DeleteResponse(betterproto2.Message):
+    """containerd.task.v2.DeleteResponse"""
+
     pid: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
 
     exit_status: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
@@ -165,6 +181,8 @@ default_message_pool.register_message("containerd.task.v2", "DeleteResponse", De
 
 @dataclass(eq=False, repr=False)
 class ExecProcessRequest(betterproto2.Message):
+    """containerd.task.v2.ExecProcessRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -185,6 +203,8 @@ default_message_pool.register_message("containerd.task.v2", "ExecProcessRequest"
 
 @dataclass(eq=False, repr=False)
 class ExecProcessResponse(betterproto2.Message):
+    """containerd.task.v2.ExecProcessResponse"""
+
     pass
 
 
@@ -193,6 +213,8 @@ default_message_pool.register_message("containerd.task.v2", "ExecProcessResponse
 
 @dataclass(eq=False, repr=False)
 class KillRequest(betterproto2.Message):
+    """containerd.task.v2.KillRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -207,6 +229,8 @@ default_message_pool.register_message("containerd.task.v2", "KillRequest", KillR
 
 @dataclass(eq=False, repr=False)
 class PauseRequest(betterproto2.Message):
+    """containerd.task.v2.PauseRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -215,6 +239,8 @@ default_message_pool.register_message("containerd.task.v2", "PauseRequest", Paus
 
 @dataclass(eq=False, repr=False)
 class PidsRequest(betterproto2.Message):
+    """containerd.task.v2.PidsRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -223,6 +249,8 @@ default_message_pool.register_message("containerd.task.v2", "PidsRequest", PidsR
 
 @dataclass(eq=False, repr=False)
 class PidsResponse(betterproto2.Message):
+    """containerd.task.v2.PidsResponse"""
+
     processes: "list[__v1__types__.ProcessInfo]" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, repeated=True
     )
@@ -233,6 +261,8 @@ default_message_pool.register_message("containerd.task.v2", "PidsResponse", Pids
 
 @dataclass(eq=False, repr=False)
 class ResizePtyRequest(betterproto2.Message):
+    """containerd.task.v2.ResizePtyRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -247,6 +277,8 @@ default_message_pool.register_message("containerd.task.v2", "ResizePtyRequest", 
 
 @dataclass(eq=False, repr=False)
 class ResumeRequest(betterproto2.Message):
+    """containerd.task.v2.ResumeRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -255,6 +287,8 @@ default_message_pool.register_message("containerd.task.v2", "ResumeRequest", Res
 
 @dataclass(eq=False, repr=False)
 class ShutdownRequest(betterproto2.Message):
+    """containerd.task.v2.ShutdownRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     now: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
@@ -265,6 +299,8 @@ default_message_pool.register_message("containerd.task.v2", "ShutdownRequest", S
 
 @dataclass(eq=False, repr=False)
 class StartRequest(betterproto2.Message):
+    """containerd.task.v2.StartRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -275,6 +311,8 @@ default_message_pool.register_message("containerd.task.v2", "StartRequest", Star
 
 @dataclass(eq=False, repr=False)
 class StartResponse(betterproto2.Message):
+    """containerd.task.v2.StartResponse"""
+
     pid: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
 
 
@@ -283,6 +321,8 @@ default_message_pool.register_message("containerd.task.v2", "StartResponse", Sta
 
 @dataclass(eq=False, repr=False)
 class StateRequest(betterproto2.Message):
+    """containerd.task.v2.StateRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -293,6 +333,8 @@ default_message_pool.register_message("containerd.task.v2", "StateRequest", Stat
 
 @dataclass(eq=False, repr=False)
 class StateResponse(betterproto2.Message):
+    """containerd.task.v2.StateResponse"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     bundle: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -325,6 +367,8 @@ default_message_pool.register_message("containerd.task.v2", "StateResponse", Sta
 
 @dataclass(eq=False, repr=False)
 class StatsRequest(betterproto2.Message):
+    """containerd.task.v2.StatsRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -333,6 +377,8 @@ default_message_pool.register_message("containerd.task.v2", "StatsRequest", Stat
 
 @dataclass(eq=False, repr=False)
 class StatsResponse(betterproto2.Message):
+    """containerd.task.v2.StatsResponse"""
+
     stats: "___google__protobuf__.Any | None" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, optional=True
     )
@@ -343,6 +389,8 @@ default_message_pool.register_message("containerd.task.v2", "StatsResponse", Sta
 
 @dataclass(eq=False, repr=False)
 class UpdateTaskRequest(betterproto2.Message):
+    """containerd.task.v2.UpdateTaskRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     resources: "___google__protobuf__.Any | None" = betterproto2.field(
@@ -361,6 +409,8 @@ default_message_pool.register_message("containerd.task.v2", "UpdateTaskRequest",
 
 @dataclass(eq=False, repr=False)
 class WaitRequest(betterproto2.Message):
+    """containerd.task.v2.WaitRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -371,6 +421,8 @@ default_message_pool.register_message("containerd.task.v2", "WaitRequest", WaitR
 
 @dataclass(eq=False, repr=False)
 class WaitResponse(betterproto2.Message):
+    """containerd.task.v2.WaitResponse"""
+
     exit_status: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
 
     exited_at: "datetime.datetime | None" = betterproto2.field(

@@ -238,6 +238,8 @@ default_message_pool.register_message("containerd.types.transfer", "Progress", P
 
 @dataclass(eq=False, repr=False)
 class RegistryResolver(betterproto2.Message):
+    """containerd.types.transfer.RegistryResolver"""
+
     auth_stream: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     Stream on which the daemon asks the client for credentials.
@@ -258,6 +260,8 @@ default_message_pool.register_message("containerd.types.transfer", "RegistryReso
 
 @dataclass(eq=False, repr=False)
 class UnpackConfiguration(betterproto2.Message):
+    """containerd.types.transfer.UnpackConfiguration"""
+
     platform: "__types__.Platform | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     snapshotter: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)

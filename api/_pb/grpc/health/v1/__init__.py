@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from ....message_pool import default_message_pool
 
@@ -46,6 +46,8 @@ class HealthCheckResponseServingStatus(betterproto2.Enum):
 
 @dataclass(eq=False, repr=False)
 class HealthCheckRequest(betterproto2.Message):
+    """grpc.health.v1.HealthCheckRequest"""
+
     service: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     Service name; empty asks about the whole server.
@@ -57,6 +59,8 @@ default_message_pool.register_message("grpc.health.v1", "HealthCheckRequest", He
 
 @dataclass(eq=False, repr=False)
 class HealthCheckResponse(betterproto2.Message):
+    """grpc.health.v1.HealthCheckResponse"""
+
     status: "HealthCheckResponseServingStatus" = betterproto2.field(
         1, betterproto2.TYPE_ENUM, default_factory=lambda: HealthCheckResponseServingStatus(0)
     )

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -43,6 +43,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class Container(betterproto2.Message):
+    """containerd.services.containers.v1.Container"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     labels: "dict[str, str]" = betterproto2.field(
@@ -97,6 +99,8 @@ default_message_pool.register_message("containerd.services.containers.v1", "Cont
 
 @dataclass(eq=False, repr=False)
 class ContainerRuntime(betterproto2.Message):
+    """ContainerRuntime"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     e.g. "io.containerd.runc.v2".
@@ -117,6 +121,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class CreateContainerRequest(betterproto2.Message):
+    """CreateContainerRequest"""
+
     container: "Container | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -127,6 +133,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class CreateContainerResponse(betterproto2.Message):
+    """CreateContainerResponse"""
+
     container: "Container | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -137,6 +145,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class DeleteContainerRequest(betterproto2.Message):
+    """DeleteContainerRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -147,6 +157,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetContainerRequest(betterproto2.Message):
+    """GetContainerRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -157,6 +169,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetContainerResponse(betterproto2.Message):
+    """GetContainerResponse"""
+
     container: "Container | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -167,6 +181,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListContainerMessage(betterproto2.Message):
+    """ListContainerMessage"""
+
     container: "Container | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -177,6 +193,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListContainersRequest(betterproto2.Message):
+    """ListContainersRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -187,6 +205,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListContainersResponse(betterproto2.Message):
+    """ListContainersResponse"""
+
     containers: "list[Container]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -197,6 +217,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UpdateContainerRequest(betterproto2.Message):
+    """UpdateContainerRequest"""
+
     container: "Container | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     update_mask: "____google__protobuf__.FieldMask | None" = betterproto2.field(
@@ -211,6 +233,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UpdateContainerResponse(betterproto2.Message):
+    """UpdateContainerResponse"""
+
     container: "Container | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 

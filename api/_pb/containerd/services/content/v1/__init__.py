@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -67,6 +67,8 @@ class WriteAction(betterproto2.Enum):
 
 @dataclass(eq=False, repr=False)
 class AbortRequest(betterproto2.Message):
+    """containerd.services.content.v1.AbortRequest"""
+
     ref: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -75,6 +77,8 @@ default_message_pool.register_message("containerd.services.content.v1", "AbortRe
 
 @dataclass(eq=False, repr=False)
 class DeleteContentRequest(betterproto2.Message):
+    """DeleteContentRequest"""
+
     digest: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -85,6 +89,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class Info(betterproto2.Message):
+    """containerd.services.content.v1.Info"""
+
     digest: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     size: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
@@ -109,6 +115,8 @@ default_message_pool.register_message("containerd.services.content.v1", "Info", 
 
 @dataclass(eq=False, repr=False)
 class InfoRequest(betterproto2.Message):
+    """containerd.services.content.v1.InfoRequest"""
+
     digest: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -117,6 +125,8 @@ default_message_pool.register_message("containerd.services.content.v1", "InfoReq
 
 @dataclass(eq=False, repr=False)
 class InfoResponse(betterproto2.Message):
+    """containerd.services.content.v1.InfoResponse"""
+
     info: "Info | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -125,6 +135,8 @@ default_message_pool.register_message("containerd.services.content.v1", "InfoRes
 
 @dataclass(eq=False, repr=False)
 class ListContentRequest(betterproto2.Message):
+    """ListContentRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -135,6 +147,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListContentResponse(betterproto2.Message):
+    """ListContentResponse"""
+
     info: "list[Info]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -145,6 +159,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListStatusesRequest(betterproto2.Message):
+    """ListStatusesRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -155,6 +171,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListStatusesResponse(betterproto2.Message):
+    """ListStatusesResponse"""
+
     statuses: "list[Status]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -165,6 +183,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ReadContentRequest(betterproto2.Message):
+    """ReadContentRequest"""
+
     digest: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     offset: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
@@ -182,6 +202,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ReadContentResponse(betterproto2.Message):
+    """ReadContentResponse"""
+
     offset: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
     """
     Position of data within the blob.
@@ -223,6 +245,8 @@ default_message_pool.register_message("containerd.services.content.v1", "Status"
 
 @dataclass(eq=False, repr=False)
 class StatusRequest(betterproto2.Message):
+    """containerd.services.content.v1.StatusRequest"""
+
     ref: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -231,6 +255,8 @@ default_message_pool.register_message("containerd.services.content.v1", "StatusR
 
 @dataclass(eq=False, repr=False)
 class StatusResponse(betterproto2.Message):
+    """containerd.services.content.v1.StatusResponse"""
+
     status: "Status | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -239,6 +265,8 @@ default_message_pool.register_message("containerd.services.content.v1", "StatusR
 
 @dataclass(eq=False, repr=False)
 class UpdateRequest(betterproto2.Message):
+    """containerd.services.content.v1.UpdateRequest"""
+
     info: "Info | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     update_mask: "____google__protobuf__.FieldMask | None" = betterproto2.field(
@@ -251,6 +279,8 @@ default_message_pool.register_message("containerd.services.content.v1", "UpdateR
 
 @dataclass(eq=False, repr=False)
 class UpdateResponse(betterproto2.Message):
+    """containerd.services.content.v1.UpdateResponse"""
+
     info: "Info | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -259,6 +289,8 @@ default_message_pool.register_message("containerd.services.content.v1", "UpdateR
 
 @dataclass(eq=False, repr=False)
 class WriteContentRequest(betterproto2.Message):
+    """WriteContentRequest"""
+
     action: "WriteAction" = betterproto2.field(
         1, betterproto2.TYPE_ENUM, default_factory=lambda: WriteAction(0)
     )
@@ -296,6 +328,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class WriteContentResponse(betterproto2.Message):
+    """WriteContentResponse"""
+
     action: "WriteAction" = betterproto2.field(
         1, betterproto2.TYPE_ENUM, default_factory=lambda: WriteAction(0)
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -27,6 +27,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class ApplyRequest(betterproto2.Message):
+    """containerd.services.diff.v1.ApplyRequest"""
+
     diff: "___types__.Descriptor | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     mounts: "list[___types__.Mount]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)
@@ -51,6 +53,8 @@ default_message_pool.register_message("containerd.services.diff.v1", "ApplyReque
 
 @dataclass(eq=False, repr=False)
 class ApplyResponse(betterproto2.Message):
+    """containerd.services.diff.v1.ApplyResponse"""
+
     applied: "___types__.Descriptor | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
     """
     Descriptor of the uncompressed layer (digest = diff ID).
@@ -62,6 +66,8 @@ default_message_pool.register_message("containerd.services.diff.v1", "ApplyRespo
 
 @dataclass(eq=False, repr=False)
 class DiffRequest(betterproto2.Message):
+    """containerd.services.diff.v1.DiffRequest"""
+
     left: "list[___types__.Mount]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
     right: "list[___types__.Mount]" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, repeated=True)

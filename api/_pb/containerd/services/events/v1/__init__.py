@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -28,6 +28,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class Envelope(betterproto2.Message):
+    """containerd.services.events.v1.Envelope"""
+
     timestamp: "datetime.datetime | None" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, unwrap=lambda: ____google__protobuf__.Timestamp, optional=True
     )
@@ -49,6 +51,8 @@ default_message_pool.register_message("containerd.services.events.v1", "Envelope
 
 @dataclass(eq=False, repr=False)
 class ForwardRequest(betterproto2.Message):
+    """containerd.services.events.v1.ForwardRequest"""
+
     envelope: "Envelope | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -57,6 +61,8 @@ default_message_pool.register_message("containerd.services.events.v1", "ForwardR
 
 @dataclass(eq=False, repr=False)
 class PublishRequest(betterproto2.Message):
+    """containerd.services.events.v1.PublishRequest"""
+
     topic: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     event: "____google__protobuf__.Any | None" = betterproto2.field(
@@ -69,6 +75,8 @@ default_message_pool.register_message("containerd.services.events.v1", "PublishR
 
 @dataclass(eq=False, repr=False)
 class SubscribeRequest(betterproto2.Message):
+    """containerd.services.events.v1.SubscribeRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -43,6 +43,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class CreateImageRequest(betterproto2.Message):
+    """CreateImageRequest"""
+
     image: "Image | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     source_date_epoch: "datetime.datetime | None" = betterproto2.field(
@@ -60,6 +62,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class CreateImageResponse(betterproto2.Message):
+    """CreateImageResponse"""
+
     image: "Image | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -70,6 +74,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class DeleteImageRequest(betterproto2.Message):
+    """DeleteImageRequest"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     sync: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
@@ -85,6 +91,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetImageRequest(betterproto2.Message):
+    """containerd.services.images.v1.GetImageRequest"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -93,6 +101,8 @@ default_message_pool.register_message("containerd.services.images.v1", "GetImage
 
 @dataclass(eq=False, repr=False)
 class GetImageResponse(betterproto2.Message):
+    """containerd.services.images.v1.GetImageResponse"""
+
     image: "Image | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -132,6 +142,8 @@ default_message_pool.register_message("containerd.services.images.v1", "Image", 
 
 @dataclass(eq=False, repr=False)
 class ImageCreate(betterproto2.Message):
+    """containerd.services.images.v1.ImageCreate"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     labels: "dict[str, str]" = betterproto2.field(
@@ -146,6 +158,8 @@ default_message_pool.register_message("containerd.services.images.v1", "ImageCre
 
 @dataclass(eq=False, repr=False)
 class ImageDelete(betterproto2.Message):
+    """containerd.services.images.v1.ImageDelete"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -154,6 +168,8 @@ default_message_pool.register_message("containerd.services.images.v1", "ImageDel
 
 @dataclass(eq=False, repr=False)
 class ImageUpdate(betterproto2.Message):
+    """containerd.services.images.v1.ImageUpdate"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     labels: "dict[str, str]" = betterproto2.field(
@@ -168,6 +184,8 @@ default_message_pool.register_message("containerd.services.images.v1", "ImageUpd
 
 @dataclass(eq=False, repr=False)
 class ListImagesRequest(betterproto2.Message):
+    """containerd.services.images.v1.ListImagesRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -176,6 +194,8 @@ default_message_pool.register_message("containerd.services.images.v1", "ListImag
 
 @dataclass(eq=False, repr=False)
 class ListImagesResponse(betterproto2.Message):
+    """ListImagesResponse"""
+
     images: "list[Image]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -186,6 +206,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UpdateImageRequest(betterproto2.Message):
+    """UpdateImageRequest"""
+
     image: "Image | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     update_mask: "____google__protobuf__.FieldMask | None" = betterproto2.field(
@@ -207,6 +229,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UpdateImageResponse(betterproto2.Message):
+    """UpdateImageResponse"""
+
     image: "Image | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 

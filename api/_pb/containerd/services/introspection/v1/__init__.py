@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -35,6 +35,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class DeprecationWarning(betterproto2.Message):
+    """DeprecationWarning"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     message: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -51,6 +53,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class Plugin(betterproto2.Message):
+    """containerd.services.introspection.v1.Plugin"""
+
     type: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     e.g. "io.containerd.snapshotter.v1".
@@ -89,6 +93,8 @@ default_message_pool.register_message("containerd.services.introspection.v1", "P
 
 @dataclass(eq=False, repr=False)
 class PluginsRequest(betterproto2.Message):
+    """PluginsRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -99,6 +105,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class PluginsResponse(betterproto2.Message):
+    """PluginsResponse"""
+
     plugins: "list[Plugin]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -109,6 +117,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ServerResponse(betterproto2.Message):
+    """ServerResponse"""
+
     uuid: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     pid: "int" = betterproto2.field(2, betterproto2.TYPE_UINT64)

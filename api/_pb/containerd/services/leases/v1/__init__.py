@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -41,6 +41,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class AddResourceRequest(betterproto2.Message):
+    """AddResourceRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     resource: "Resource | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
@@ -74,6 +76,8 @@ default_message_pool.register_message("containerd.services.leases.v1", "CreateRe
 
 @dataclass(eq=False, repr=False)
 class CreateResponse(betterproto2.Message):
+    """containerd.services.leases.v1.CreateResponse"""
+
     lease: "Lease | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -82,6 +86,8 @@ default_message_pool.register_message("containerd.services.leases.v1", "CreateRe
 
 @dataclass(eq=False, repr=False)
 class DeleteRequest(betterproto2.Message):
+    """containerd.services.leases.v1.DeleteRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     sync: "bool" = betterproto2.field(2, betterproto2.TYPE_BOOL)
@@ -95,6 +101,8 @@ default_message_pool.register_message("containerd.services.leases.v1", "DeleteRe
 
 @dataclass(eq=False, repr=False)
 class DeleteResourceRequest(betterproto2.Message):
+    """DeleteResourceRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     resource: "Resource | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
@@ -107,6 +115,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class Lease(betterproto2.Message):
+    """containerd.services.leases.v1.Lease"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     created_at: "datetime.datetime | None" = betterproto2.field(
@@ -125,6 +135,8 @@ default_message_pool.register_message("containerd.services.leases.v1", "Lease", 
 
 @dataclass(eq=False, repr=False)
 class ListRequest(betterproto2.Message):
+    """containerd.services.leases.v1.ListRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -133,6 +145,8 @@ default_message_pool.register_message("containerd.services.leases.v1", "ListRequ
 
 @dataclass(eq=False, repr=False)
 class ListResourcesRequest(betterproto2.Message):
+    """ListResourcesRequest"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -143,6 +157,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListResourcesResponse(betterproto2.Message):
+    """ListResourcesResponse"""
+
     resources: "list[Resource]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -153,6 +169,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListResponse(betterproto2.Message):
+    """containerd.services.leases.v1.ListResponse"""
+
     leases: "list[Lease]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -161,6 +179,8 @@ default_message_pool.register_message("containerd.services.leases.v1", "ListResp
 
 @dataclass(eq=False, repr=False)
 class Resource(betterproto2.Message):
+    """containerd.services.leases.v1.Resource"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     type: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -39,6 +39,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class CreateNamespaceRequest(betterproto2.Message):
+    """CreateNamespaceRequest"""
+
     namespace: "Namespace | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -49,6 +51,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class CreateNamespaceResponse(betterproto2.Message):
+    """CreateNamespaceResponse"""
+
     namespace: "Namespace | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -59,6 +63,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class DeleteNamespaceRequest(betterproto2.Message):
+    """DeleteNamespaceRequest"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -69,6 +75,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetNamespaceRequest(betterproto2.Message):
+    """GetNamespaceRequest"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -79,6 +87,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetNamespaceResponse(betterproto2.Message):
+    """GetNamespaceResponse"""
+
     namespace: "Namespace | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -89,6 +99,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListNamespacesRequest(betterproto2.Message):
+    """ListNamespacesRequest"""
+
     filter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     Accepted but ignored by containerd.
@@ -102,6 +114,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListNamespacesResponse(betterproto2.Message):
+    """ListNamespacesResponse"""
+
     namespaces: "list[Namespace]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -112,6 +126,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class Namespace(betterproto2.Message):
+    """containerd.services.namespaces.v1.Namespace"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     labels: "dict[str, str]" = betterproto2.field(
@@ -126,6 +142,8 @@ default_message_pool.register_message("containerd.services.namespaces.v1", "Name
 
 @dataclass(eq=False, repr=False)
 class UpdateNamespaceRequest(betterproto2.Message):
+    """UpdateNamespaceRequest"""
+
     namespace: "Namespace | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
     update_mask: "____google__protobuf__.FieldMask | None" = betterproto2.field(
@@ -140,6 +158,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UpdateNamespaceResponse(betterproto2.Message):
+    """UpdateNamespaceResponse"""
+
     namespace: "Namespace | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -60,6 +60,8 @@ class Kind(betterproto2.Enum):
 
 @dataclass(eq=False, repr=False)
 class CleanupRequest(betterproto2.Message):
+    """containerd.services.snapshots.v1.CleanupRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -68,6 +70,8 @@ default_message_pool.register_message("containerd.services.snapshots.v1", "Clean
 
 @dataclass(eq=False, repr=False)
 class CommitSnapshotRequest(betterproto2.Message):
+    """CommitSnapshotRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     name: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -94,6 +98,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class Info(betterproto2.Message):
+    """containerd.services.snapshots.v1.Info"""
+
     name: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     parent: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -120,6 +126,8 @@ default_message_pool.register_message("containerd.services.snapshots.v1", "Info"
 
 @dataclass(eq=False, repr=False)
 class ListSnapshotsRequest(betterproto2.Message):
+    """ListSnapshotsRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     filters: "list[str]" = betterproto2.field(2, betterproto2.TYPE_STRING, repeated=True)
@@ -132,6 +140,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ListSnapshotsResponse(betterproto2.Message):
+    """ListSnapshotsResponse"""
+
     info: "list[Info]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -142,6 +152,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class MountsRequest(betterproto2.Message):
+    """containerd.services.snapshots.v1.MountsRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     key: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -152,6 +164,8 @@ default_message_pool.register_message("containerd.services.snapshots.v1", "Mount
 
 @dataclass(eq=False, repr=False)
 class MountsResponse(betterproto2.Message):
+    """containerd.services.snapshots.v1.MountsResponse"""
+
     mounts: "list[___types__.Mount]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -160,6 +174,8 @@ default_message_pool.register_message("containerd.services.snapshots.v1", "Mount
 
 @dataclass(eq=False, repr=False)
 class PrepareSnapshotRequest(betterproto2.Message):
+    """PrepareSnapshotRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     key: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -180,6 +196,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class PrepareSnapshotResponse(betterproto2.Message):
+    """PrepareSnapshotResponse"""
+
     mounts: "list[___types__.Mount]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -190,6 +208,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class RemoveSnapshotRequest(betterproto2.Message):
+    """RemoveSnapshotRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     key: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -202,6 +222,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StatSnapshotRequest(betterproto2.Message):
+    """StatSnapshotRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     key: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -214,6 +236,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class StatSnapshotResponse(betterproto2.Message):
+    """StatSnapshotResponse"""
+
     info: "Info | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -224,6 +248,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UpdateSnapshotRequest(betterproto2.Message):
+    """UpdateSnapshotRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     info: "Info | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
@@ -240,6 +266,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UpdateSnapshotResponse(betterproto2.Message):
+    """UpdateSnapshotResponse"""
+
     info: "Info | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -250,6 +278,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class UsageRequest(betterproto2.Message):
+    """containerd.services.snapshots.v1.UsageRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     key: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -260,6 +290,8 @@ default_message_pool.register_message("containerd.services.snapshots.v1", "Usage
 
 @dataclass(eq=False, repr=False)
 class UsageResponse(betterproto2.Message):
+    """containerd.services.snapshots.v1.UsageResponse"""
+
     size: "int" = betterproto2.field(1, betterproto2.TYPE_INT64)
 
     inodes: "int" = betterproto2.field(2, betterproto2.TYPE_INT64)
@@ -270,6 +302,8 @@ default_message_pool.register_message("containerd.services.snapshots.v1", "Usage
 
 @dataclass(eq=False, repr=False)
 class ViewSnapshotRequest(betterproto2.Message):
+    """ViewSnapshotRequest"""
+
     snapshotter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     key: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -290,6 +324,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ViewSnapshotResponse(betterproto2.Message):
+    """ViewSnapshotResponse"""
+
     mounts: "list[___types__.Mount]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -27,6 +27,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class StreamInit(betterproto2.Message):
+    """containerd.services.streaming.v1.StreamInit"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 

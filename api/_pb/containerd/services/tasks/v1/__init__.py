@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -57,6 +57,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class CheckpointTaskRequest(betterproto2.Message):
+    """CheckpointTaskRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     parent_checkpoint: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -73,6 +75,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class CheckpointTaskResponse(betterproto2.Message):
+    """CheckpointTaskResponse"""
+
     descriptors: "list[___types__.Descriptor]" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, repeated=True
     )
@@ -85,6 +89,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class CloseIoRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.CloseIORequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -138,6 +144,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "CreateTas
 
 @dataclass(eq=False, repr=False)
 class CreateTaskResponse(betterproto2.Message):
+    """CreateTaskResponse"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     pid: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
@@ -150,6 +158,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class DeleteProcessRequest(betterproto2.Message):
+    """DeleteProcessRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -162,6 +172,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class DeleteResponse(betterproto2.Message):
+    """containerd.services.tasks.v1.DeleteResponse"""
+
     id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     pid: "int" = betterproto2.field(2, betterproto2.TYPE_UINT32)
@@ -178,6 +190,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "DeleteRes
 
 @dataclass(eq=False, repr=False)
 class DeleteTaskRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.DeleteTaskRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -186,6 +200,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "DeleteTas
 
 @dataclass(eq=False, repr=False)
 class ExecProcessRequest(betterproto2.Message):
+    """ExecProcessRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     stdin: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -213,6 +229,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class ExecProcessResponse(betterproto2.Message):
+    """ExecProcessResponse"""
+
     pass
 
 
@@ -223,6 +241,8 @@ default_message_pool.register_message(
 
 @dataclass(eq=False, repr=False)
 class GetRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.GetRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -233,6 +253,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "GetReques
 
 @dataclass(eq=False, repr=False)
 class GetResponse(betterproto2.Message):
+    """containerd.services.tasks.v1.GetResponse"""
+
     process: "___v1__types__.Process | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
@@ -241,6 +263,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "GetRespon
 
 @dataclass(eq=False, repr=False)
 class KillRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.KillRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -258,6 +282,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "KillReque
 
 @dataclass(eq=False, repr=False)
 class ListPidsRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.ListPidsRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -266,6 +292,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "ListPidsR
 
 @dataclass(eq=False, repr=False)
 class ListPidsResponse(betterproto2.Message):
+    """containerd.services.tasks.v1.ListPidsResponse"""
+
     processes: "list[___v1__types__.ProcessInfo]" = betterproto2.field(
         1, betterproto2.TYPE_MESSAGE, repeated=True
     )
@@ -276,6 +304,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "ListPidsR
 
 @dataclass(eq=False, repr=False)
 class ListTasksRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.ListTasksRequest"""
+
     filter: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -284,6 +314,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "ListTasks
 
 @dataclass(eq=False, repr=False)
 class ListTasksResponse(betterproto2.Message):
+    """containerd.services.tasks.v1.ListTasksResponse"""
+
     tasks: "list[___v1__types__.Process]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -292,6 +324,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "ListTasks
 
 @dataclass(eq=False, repr=False)
 class MetricsRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.MetricsRequest"""
+
     filters: "list[str]" = betterproto2.field(1, betterproto2.TYPE_STRING, repeated=True)
 
 
@@ -300,6 +334,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "MetricsRe
 
 @dataclass(eq=False, repr=False)
 class MetricsResponse(betterproto2.Message):
+    """containerd.services.tasks.v1.MetricsResponse"""
+
     metrics: "list[___types__.Metric]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
 
 
@@ -308,6 +344,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "MetricsRe
 
 @dataclass(eq=False, repr=False)
 class PauseTaskRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.PauseTaskRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -316,6 +354,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "PauseTask
 
 @dataclass(eq=False, repr=False)
 class ResizePtyRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.ResizePtyRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -330,6 +370,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "ResizePty
 
 @dataclass(eq=False, repr=False)
 class ResumeTaskRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.ResumeTaskRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
 
@@ -338,6 +380,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "ResumeTas
 
 @dataclass(eq=False, repr=False)
 class StartRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.StartRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -348,6 +392,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "StartRequ
 
 @dataclass(eq=False, repr=False)
 class StartResponse(betterproto2.Message):
+    """containerd.services.tasks.v1.StartResponse"""
+
     pid: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
 
 
@@ -356,6 +402,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "StartResp
 
 @dataclass(eq=False, repr=False)
 class UpdateTaskRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.UpdateTaskRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     resources: "____google__protobuf__.Any | None" = betterproto2.field(
@@ -377,6 +425,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "UpdateTas
 
 @dataclass(eq=False, repr=False)
 class WaitRequest(betterproto2.Message):
+    """containerd.services.tasks.v1.WaitRequest"""
+
     container_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     exec_id: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -387,6 +437,8 @@ default_message_pool.register_message("containerd.services.tasks.v1", "WaitReque
 
 @dataclass(eq=False, repr=False)
 class WaitResponse(betterproto2.Message):
+    """containerd.services.tasks.v1.WaitResponse"""
+
     exit_status: "int" = betterproto2.field(1, betterproto2.TYPE_UINT32)
 
     exited_at: "datetime.datetime | None" = betterproto2.field(

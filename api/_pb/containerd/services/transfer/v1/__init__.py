@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -26,6 +26,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class TransferOptions(betterproto2.Message):
+    """containerd.services.transfer.v1.TransferOptions"""
+
     progress_stream: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
     Name of a streaming.v1 stream that receives Progress messages.

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from .....message_pool import default_message_pool
 
@@ -26,6 +26,8 @@ betterproto2.check_compiler_version(_COMPILER_VERSION)
 
 @dataclass(eq=False, repr=False)
 class VersionResponse(betterproto2.Message):
+    """containerd.services.version.v1.VersionResponse"""
+
     version: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
 
     revision: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import betterproto2
 import grpclib
-from betterproto2 import grpclib as betterproto2_grpclib
+from pyctr.api import pbgrpc as betterproto2_grpclib
 
 from ......message_pool import default_message_pool
 
@@ -49,6 +49,8 @@ default_message_pool.register_message("containerd.services.events.ttrpc.v1", "En
 
 @dataclass(eq=False, repr=False)
 class ForwardRequest(betterproto2.Message):
+    """containerd.services.events.ttrpc.v1.ForwardRequest"""
+
     envelope: "Envelope | None" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, optional=True)
 
 
