@@ -2,8 +2,11 @@
 
 __main__   flags; the ``start`` and ``delete`` actions; serving otherwise (kept import-light)
 launcher   the warm fork server that ``start`` asks for a serving process (shared memory)
-server     the serving process: subreaper, log FIFO, event loop, ttrpc server on fd 3
-service    containerd.task.v2.Task: request decoding, events, exit handling
+server     the serving process: subreaper, log FIFO, then the keeper (or the asyncio server)
+keeper     the long-lived epoll loop: ttrpc on fd 3, cheap calls, reaping, stdio copies, events
+worker     one heavy call (Create, Start, Delete, ...) in a short-lived child of the keeper
+table      the keeper's process table and exit ownership (plain code)
+service    containerd.task.v2.Task on asyncio (PYCTR_SHIM_KEEPER=0): decoding, events, exits
 container  one container: init + exec processes, rootfs mounts, cgroup
 process/   init and exec processes, and their state table (state.py)
 runc       the runc command driver          reaper   the only waiter for children

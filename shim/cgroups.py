@@ -355,3 +355,40 @@ def _event_offsets(data: bytes) -> list[int]:
         offsets.append(off)
         off += _INOTIFY_EVENT.size + _INOTIFY_EVENT.unpack_from(data, off)[3]
     return offsets
+
+
+def open_oom_fds(cgroup: Cgroup) -> tuple[dict[str, object], list[int]] | None:
+    """The OOM notification fds of ``cgroup`` for the keeper, which watches them in its own loop:
+    ``({"v2", "path", "last"}, fds)``, the first fd the one to poll; None without a memory cgroup.
+
+    v1: an eventfd registered on ``memory.oom_control`` (kept open with it); ``path`` is that file,
+    whose disappearance means the cgroup is gone. v2: inotify on ``memory.events``; ``path`` is that
+    file and ``last`` its ``oom_kill`` count now.
+    """
+    memory = cgroup.memory_dir()
+    if not memory or not os.path.isdir(memory):
+        return None
+    if not cgroup.v2:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        ofd = -1
+        try:
+            ofd = os.open(f"{memory}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+            with open(f"{memory}/cgroup.event_control", "w") as f:
+                f.write(f"{efd} {ofd}")
+        except OSError:
+            os.close(efd)
+            if ofd >= 0:
+                os.close(ofd)
+            raise
+        return {"v2": False, "path": f"{memory}/memory.oom_control"}, [efd, ofd]
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    events_file = f"{memory}/memory.events"
+    if libc.inotify_add_watch(fd, events_file.encode(), _IN_MODIFY) < 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, os.strerror(err))
+    return {"v2": True, "path": events_file, "last": _flat_keyed(events_file).get("oom_kill", 0)}, [fd]

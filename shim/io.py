@@ -32,6 +32,7 @@ import tempfile
 import termios
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 from pyctr.api.errdefs import InvalidArgument, NotImplementedErr
@@ -277,6 +278,47 @@ class ProcessIO:
                 sinks[name].release()
         if self._stdin_reader >= 0 and "stdin" in self._pipes:
             self._in_task = asyncio.ensure_future(self._copy_in(self._stdin_reader, self._pipes["stdin"][1]))
+
+    def hand_over(self, console: int = -1) -> tuple[dict[str, Any], list[int]]:
+        """Opens the client's side as :meth:`start` does, but gives the fds away instead of copying
+        (the keeper copies; see keeper.py). Returns a description whose numbers index the fd list::
+
+            out      [(source, sink, sink's own reader)]   source -1 = the console; reader -1 = a file
+            in       (client FIFO reader, destination) | None   destination -1 = the console
+            console  the pty master, or -1
+            holder   our writer on the stdin FIFO (closed by CloseIO), or -1
+
+        The fds stay open here too until this process exits (a worker exits right after sending).
+        """
+        stdio = self.stdio
+        fds: list[int] = []
+
+        def add(fd: int) -> int:
+            if fd < 0:
+                return -1
+            fds.append(fd)
+            return len(fds) - 1
+
+        desc: dict[str, Any] = {"out": [], "in": None, "console": add(console), "holder": -1}
+        for name, path in (("stdout", stdio.stdout), ("stderr", stdio.stderr)):
+            if not path or (stdio.terminal and name == "stderr"):
+                continue
+            if stdio.terminal:
+                source = -1
+            elif name in self._pipes:
+                source = add(self._pipes[name][1])
+            else:
+                continue
+            sink = _Sink(path)
+            desc["out"].append((source, add(sink.fd), add(sink.reader)))
+        self.open_stdin()
+        if self._stdin_reader >= 0:
+            if stdio.terminal:
+                desc["in"] = (add(self._stdin_reader), -1)
+            elif "stdin" in self._pipes:
+                desc["in"] = (add(self._stdin_reader), add(self._pipes["stdin"][1]))
+            desc["holder"] = add(self._stdin_holder)
+        return desc, fds
 
     async def _copy_out(self, src: int, sink: _Sink | None) -> None:
         writing = sink is not None

@@ -177,13 +177,23 @@ def _peer_uid(conn: socket.socket) -> int:
     return uid
 
 
+def _take_environment(env: dict[str, str]) -> None:
+    """Makes ``env`` the environment, touching only the variables that differ: rewriting all of
+    them (clear + update) costs every shim ~0.9 MiB of private memory (libc's environ and the
+    os.environ mapping are copied page by page)."""
+    for key in [key for key in os.environ if key not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
+
+
 def _become_shim(request: dict[str, Any], listen_fd: int, close: list[socket.socket]) -> None:
     """In the forked shim: drop the launcher's sockets, take the request's cwd/env/fds, serve."""
     for sock in close:
         sock.close()
     os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
+    _take_environment(request["env"])
     if listen_fd != 3:
         os.dup2(listen_fd, 3)
         os.close(listen_fd)
@@ -322,6 +332,10 @@ def _warm_up() -> None:
                     value.parse(bytes(value()))
     server.setup_logging(False)
     logging.getLogger("pyctr.shim").info("launcher warm-up")  # fd 2 is /dev/null here
+    if server.keeper_enabled():
+        from pyctr.shim import keeper
+
+        keeper.warm_up()
 
 
 def _write_pid(sockdir: str) -> str:
@@ -346,7 +360,9 @@ def serve_launcher(sockdir: str) -> None:
     pid_file = _write_pid(sockdir)
     # Everything a shim imports, now, so the forked shims share it (the server module pulls in the
     # service, the generated messages, betterproto2 and uvloop).
-    import pyctr.shim.server  # noqa: F401
+    import pyctr.shim.keeper
+    import pyctr.shim.server
+    import pyctr.shim.worker  # noqa: F401
 
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401

@@ -2,7 +2,8 @@
 
 Start-up order (runtime/v2/shim/shim.go): become a child subreaper before any container process can
 be orphaned to us; point stderr at the bundle's ``log`` FIFO (the daemon holds it open O_RDWR and
-copies it to its own log); start the reaper thread; serve. SIGTERM/SIGINT stop the server and exit,
+copies it to its own log); then hand over to the keeper (keeper.py, the default), or start the
+reaper thread and serve the asyncio task service (``PYCTR_SHIM_KEEPER=0``). SIGTERM/SIGINT stop the server and exit,
 leaving containers running; the ``Shutdown`` RPC exits only when no container is left. On exit the
 socket named in ``address`` is removed and queued events get up to 5 s to reach the daemon.
 """
@@ -34,13 +35,17 @@ PR_SET_NAME = 15
 LISTEN_FD = 3
 
 
+# Resolved at import (in the launcher): a ctypes lookup after the fork costs every shim private pages.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+_SHIM_NAME = ctypes.c_char_p(b"pyrunc-shim")
+
+
 def set_subreaper() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    if _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(err)}")
     # A name for ps/top: a forked shim's command line is still the launcher's.
-    libc.prctl(PR_SET_NAME, ctypes.c_char_p(b"pyrunc-shim"), 0, 0, 0)
+    _prctl(PR_SET_NAME, _SHIM_NAME, 0, 0, 0)
 
 
 class _FifoHandler(logging.Handler):
@@ -83,6 +88,10 @@ def open_log_fifo(bundle: str) -> None:
 
 
 def setup_logging(debug: bool) -> None:
+    root = logging.getLogger()
+    level = logging.DEBUG if debug else logging.INFO
+    if root.level == level and len(root.handlers) == 1 and isinstance(root.handlers[0], _FifoHandler):
+        return  # set up by the launcher already: setLevel would rewrite every logger's cache
     handler = _FifoHandler()
     handler.setFormatter(_LogfmtFormatter())
     root = logging.getLogger()
@@ -142,12 +151,21 @@ async def _serve(namespace: str, address: str, socket_flag: str, bundle: str) ->
     await publisher.close(grace=5.0)
 
 
+def keeper_enabled() -> bool:
+    """The keeper + workers design (keeper.py) unless PYCTR_SHIM_KEEPER=0 selects the asyncio server."""
+    return os.environ.get("PYCTR_SHIM_KEEPER", "1") != "0"
+
+
 def serve(namespace: str, address: str, socket_flag: str = "", debug: bool = False) -> NoReturn:
     """The shim's main loop; never returns. The working directory is the bundle."""
     bundle = os.getcwd()
     set_subreaper()
     open_log_fifo(bundle)
     setup_logging(debug)
+    if keeper_enabled():
+        from pyctr.shim import keeper
+
+        keeper.serve(namespace, address, listener(socket_flag), bundle, socket_flag)
     loop = new_event_loop()
     code = 0
     try:

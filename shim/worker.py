@@ -1,0 +1,553 @@
+"""A worker: a short-lived child of the keeper that serves one heavy Task call and exits.
+
+It is forked from the keeper, so it starts with the keeper's process table (read-only here: changes
+go back as ``updates``) and may use everything the shim has (asyncio, betterproto, the runc driver,
+mounts, cgroups): its dirty pages die with it. It is not a subreaper, so the container processes that
+runc forks are re-parented to the keeper, which reaps them; the worker reaps only its own runc
+children (its own Reaper thread). The result goes back as one message (see keeper.py), with the fds
+the keeper owns from now on (stdio pipe ends and FIFOs, the pty master, OOM notification fds).
+
+Updates (applied by the keeper, in order)::
+
+    ("container", {id, bundle, stdin, stdout, stderr, terminal, pid, kill_all, config}, io | None)
+    ("exec", container_id, {id, stdin, stdout, stderr, terminal, spec})
+    ("started", container_id, exec_id, pid, io | None)
+    ("state", container_id, exec_id, before, after)     entered only if still in ``before``
+    ("failed", container_id, exec_id, status, time)     an exec that never ran
+    ("config", container_id, {...})                     e.g. the cgroup once it is known
+    ("oom", container_id, {v2, path, last}, [fd indexes])
+    ("deleted", container_id, exec_id)
+
+``io`` is :meth:`pyctr.shim.io.ProcessIO.hand_over`'s description, its numbers index the fds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import marshal
+import os
+import shutil
+import signal
+import socket
+import time
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import betterproto2
+
+from pyctr.api._pb.containerd import events as ev
+from pyctr.api._pb.containerd.runc.v1 import CheckpointOptions, ProcessDetails
+from pyctr.api._pb.containerd.task import v2 as task
+from pyctr.api._pb.containerd.v1.types import ProcessInfo
+from pyctr.api._pb.google.protobuf import Any as AnyMessage
+from pyctr.api.errdefs import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    NotImplementedErr,
+    Unknown,
+    to_status,
+)
+from pyctr.shim import cgroups, mount
+from pyctr.shim.bundle import INIT_PID_FILE, kill_all_on_exit, read_pid_file, runc_root, write_bundle_files
+from pyctr.shim.container import mount_rootfs
+from pyctr.shim.events import type_url
+from pyctr.shim.io import ConsoleSocket, ProcessIO, Stdio
+from pyctr.shim.process.exec import START_FAILED_STATUS
+from pyctr.shim.process.init import kill_error, runtime_error, unmount_rootfs
+from pyctr.shim.process.state import Op
+from pyctr.shim.reaper import Reaper
+from pyctr.shim.runc import Runc, RuncError
+from pyctr.shim.service import parse_runc_options
+from pyctr.shim.table import Container, Proc
+
+if TYPE_CHECKING:
+    from pyctr.shim.keeper import Job, Keeper
+
+
+def _timestamp(ts: float | None) -> Any:
+    import datetime
+
+    return None if ts is None else datetime.datetime.fromtimestamp(ts, datetime.UTC)
+
+
+def _any(message: betterproto2.Message) -> AnyMessage:
+    return AnyMessage(type_url=type_url(message), value=bytes(message))
+
+
+def run(keeper: Keeper, job: Job, sock: socket.socket) -> NoReturn:
+    """The worker's whole life; never returns."""
+    code = 0
+    fds: list[int] = []
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        for fd in keeper.fds_for_worker():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        # The standard selector loop, not uvloop: a new uvloop loop in a freshly forked child costs
+        # ~7 ms (libuv set-up), the selector loop ~1 ms, and a worker lives for one call. The Reaper
+        # owns waitpid either way (no asyncio subprocesses here).
+        loop = asyncio.SelectorEventLoop()
+        asyncio.set_event_loop(loop)
+        reaper = Reaper(loop)
+        reaper.start()
+        worker = Worker(keeper, reaper)
+        result = loop.run_until_complete(worker.call(job.method, job.payload))
+        fds = worker.fds
+    except BaseException as exc:
+        result = {"error": to_status(exc)}
+    try:
+        socket.send_fds(sock, [marshal.dumps(result)], fds)
+    except Exception:
+        code = 1
+    os._exit(code)
+
+
+class Worker:
+    def __init__(self, keeper: Keeper, reaper: Reaper) -> None:
+        self.keeper = keeper
+        self.containers = keeper.table.containers
+        self.reaper = reaper
+        self.events: list[tuple[str, str, bytes]] = []
+        self.updates: list[tuple[Any, ...]] = []
+        self.fds: list[int] = []
+
+    async def call(self, method: str, payload: bytes) -> dict[str, Any]:
+        try:
+            handler = getattr(self, method.lower())
+            reply = await handler(payload)
+            result: dict[str, Any] = {"reply": reply or b""}
+        except Exception as exc:
+            result = {"error": to_status(exc)}
+            self.fds = []  # a failed call hands nothing over (the worker closes it all on exit)
+            self.updates = [u for u in self.updates if u[0] == "failed"]
+        result["events"] = self.events
+        result["updates"] = self.updates
+        return result
+
+    def publish(self, topic: str, event: betterproto2.Message) -> None:
+        self.events.append((topic, type_url(event), bytes(event)))
+
+    def add_fds(self, fds: list[int]) -> int:
+        """Appends ``fds`` to the handed-over list; returns the offset of the first."""
+        base = len(self.fds)
+        self.fds.extend(fds)
+        return base
+
+    def container(self, id: str) -> Container:
+        container = self.containers.get(id)
+        if container is None:
+            raise NotFound("container not created")
+        return container
+
+    def process(self, container: Container, exec_id: str) -> Proc:
+        proc = container.process(exec_id)
+        if proc is None:
+            raise NotFound(f"process does not exist {exec_id}")
+        return proc
+
+    def runc(self, container: Container) -> Runc:
+        cfg = container.config
+        return Runc(
+            self.reaper,
+            command=cfg["command"],
+            root=cfg["root"],
+            log=cfg["log"],
+            systemd_cgroup=cfg["systemd_cgroup"],
+            criu=cfg["criu"],
+        )
+
+    def io_description(self, desc: dict[str, Any], fds: list[int]) -> dict[str, Any]:
+        base = self.add_fds(fds)
+
+        def shift(i: int) -> int:
+            return i + base if i >= 0 else -1
+
+        return {
+            "out": [(shift(s), shift(k), shift(r)) for s, k, r in desc["out"]],
+            "in": (shift(desc["in"][0]), shift(desc["in"][1])) if desc.get("in") else None,
+            "console": shift(desc["console"]),
+            "holder": shift(desc["holder"]),
+        }
+
+    async def launch(
+        self, io: ProcessIO, console: ConsoleSocket | None, pid_file: str, run: Any
+    ) -> tuple[int, dict[str, Any]]:
+        """Runs ``run`` (runc create/exec), hands the stdio over and reads the new pid."""
+        try:
+            try:
+                await run()
+            finally:
+                io.close_runc_ends()
+            master = await console.receive_master() if console else -1
+            desc, fds = io.hand_over(master)
+            pid = read_pid_file(pid_file)
+        except BaseException:
+            await io.close()
+            raise
+        finally:
+            if console is not None:
+                console.close()
+        return pid, self.io_description(desc, fds)
+
+    # -- calls ---------------------------------------------------------------------------------------
+
+    async def create(self, payload: bytes) -> bytes:
+        req = task.CreateTaskRequest.parse(payload)
+        if req.checkpoint:
+            raise NotImplementedErr("restoring a task from a checkpoint is not supported")
+        if req.id in self.containers:
+            raise AlreadyExists(f"container {req.id}")
+        options = parse_runc_options(req.options)
+        write_bundle_files(req.bundle, options)
+        mounts = [mount.Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+        rootfs = await mount_rootfs(req.bundle, mounts)
+        config = {
+            "command": options.binary_name or "runc",
+            "root": runc_root(options.root, self.keeper.address, self.keeper.namespace),
+            "log": os.path.join(req.bundle, "log.json"),
+            "systemd_cgroup": options.systemd_cgroup,
+            "criu": options.criu_path,
+            "io_uid": options.io_uid,
+            "io_gid": options.io_gid,
+            "rootfs": rootfs,
+            "cgroup": None,
+        }
+        runc = Runc(
+            self.reaper,
+            command=config["command"],
+            root=config["root"],
+            log=config["log"],
+            systemd_cgroup=options.systemd_cgroup,
+            criu=options.criu_path,
+        )
+        try:
+            io = ProcessIO(
+                Stdio(req.stdin, req.stdout, req.stderr, req.terminal), uid=options.io_uid, gid=options.io_gid
+            )
+            console = ConsoleSocket() if req.terminal else None
+
+            async def run() -> None:
+                try:
+                    await runc.create(
+                        req.id,
+                        req.bundle,
+                        pid_file=os.path.join(req.bundle, INIT_PID_FILE),
+                        stdio=io.runc_stdio(),
+                        console_socket=console.path if console else "",
+                        no_pivot=options.no_pivot_root,
+                        no_new_keyring=options.no_new_keyring,
+                    )
+                except RuncError as err:
+                    raise runtime_error(err, "OCI runtime create failed") from None
+
+            pid, desc = await self.launch(io, console, os.path.join(req.bundle, INIT_PID_FILE), run)
+        except BaseException:
+            with contextlib.suppress(RuncError):
+                await runc.delete(req.id, force=True)
+            if rootfs:
+                try:
+                    await unmount_rootfs(rootfs)
+                except OSError as exc:
+                    import logging
+
+                    logging.getLogger(__name__).warning("failed to cleanup rootfs mount %s: %s", rootfs, exc)
+            raise
+        config["cgroup"] = _cgroup_data(pid)
+        record = {
+            "id": req.id,
+            "bundle": req.bundle,
+            "stdin": req.stdin,
+            "stdout": req.stdout,
+            "stderr": req.stderr,
+            "terminal": req.terminal,
+            "pid": pid,
+            "kill_all": kill_all_on_exit(req.bundle),
+            "config": config,
+        }
+        self.updates.append(("container", record, desc))
+        io_event = ev.TaskIo(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
+        self.publish(
+            "/tasks/create",
+            ev.TaskCreate(
+                container_id=req.id,
+                bundle=req.bundle,
+                rootfs=req.rootfs,
+                io=io_event,
+                checkpoint=req.checkpoint,
+                pid=pid,
+            ),
+        )
+        return bytes(task.CreateTaskResponse(pid=pid))
+
+    async def start(self, payload: bytes) -> bytes:
+        req = task.StartRequest.parse(payload)
+        container = self.container(req.id)
+        proc = self.process(container, req.exec_id)
+        before, after = proc.state, proc.check(Op.START)
+        if req.exec_id:
+            pid = await self.start_exec(container, proc)
+            self.publish(
+                "/tasks/exec-started",
+                ev.TaskExecStarted(container_id=container.id, exec_id=req.exec_id, pid=pid),
+            )
+            return bytes(task.StartResponse(pid=pid))
+        try:
+            await self.runc(container).start(container.id)
+        except RuncError as err:
+            raise runtime_error(err, "OCI runtime start failed") from None
+        self.updates.append(("state", container.id, "", before.value, after.value))
+        cgroup = container.config.get("cgroup") or _cgroup_data(proc.pid)
+        if cgroup is not None:
+            self.updates.append(("config", container.id, {"cgroup": cgroup}))
+            opened = _open_oom(cgroup)
+            if opened is not None:
+                desc, fds = opened
+                base = self.add_fds(fds)
+                self.updates.append(("oom", container.id, desc, [base + i for i in range(len(fds))]))
+        self.publish("/tasks/start", ev.TaskStart(container_id=container.id, pid=proc.pid))
+        return bytes(task.StartResponse(pid=proc.pid))
+
+    async def start_exec(self, container: Container, proc: Proc) -> int:
+        cfg = container.config
+        io = ProcessIO(
+            Stdio(proc.stdin, proc.stdout, proc.stderr, proc.terminal), uid=cfg["io_uid"], gid=cfg["io_gid"]
+        )
+        if proc.stdin_closed:
+            io.close_stdin()
+        console = ConsoleSocket() if proc.terminal else None
+        pid_file = os.path.join(container.bundle, f"{proc.id}.pid")
+        spec = dict(json.loads(proc.spec or "{}"), terminal=proc.terminal)
+        runc = self.runc(container)
+
+        async def run() -> None:
+            try:
+                await runc.exec(
+                    container.id,
+                    spec,
+                    pid_file=pid_file,
+                    stdio=io.runc_stdio(),
+                    console_socket=console.path if console else "",
+                )
+            except RuncError as err:
+                # Never ran: Wait must still answer.
+                self.updates.append(("failed", container.id, proc.id, START_FAILED_STATUS, time.time()))
+                raise runtime_error(err, "OCI runtime exec failed") from None
+
+        pid, desc = await self.launch(io, console, pid_file, run)
+        self.updates.append(("started", container.id, proc.id, pid, desc))
+        return pid
+
+    async def exec(self, payload: bytes) -> bytes:
+        req = task.ExecProcessRequest.parse(payload)
+        container = self.container(req.id)
+        if req.exec_id in container.execs:
+            raise AlreadyExists(f"id {req.exec_id}")
+        container.init.check(Op.EXEC)
+        try:
+            spec = json.loads(req.spec.value) if req.spec is not None else {}
+        except ValueError as exc:
+            raise InvalidArgument(f"exec process spec: {exc}") from None
+        record = {
+            "id": req.exec_id,
+            "stdin": req.stdin,
+            "stdout": req.stdout,
+            "stderr": req.stderr,
+            "terminal": req.terminal,
+            "spec": json.dumps(spec),
+        }
+        self.updates.append(("exec", container.id, record))
+        self.publish("/tasks/exec-added", ev.TaskExecAdded(container_id=container.id, exec_id=req.exec_id))
+        return b""
+
+    async def delete(self, payload: bytes) -> bytes:
+        req = task.DeleteRequest.parse(payload)
+        container = self.container(req.id)
+        proc = self.process(container, req.exec_id)
+        proc.check(Op.DELETE)
+        if req.exec_id:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(container.bundle, f"{proc.id}.pid"))
+        else:
+            error: Exception | None = None
+            try:
+                await self.runc(container).delete(container.id)
+            except RuncError as err:
+                if "does not exist" not in f"{err.output} {err.logged}":
+                    error = runtime_error(err, "failed to delete task")
+            rootfs = container.config.get("rootfs", "")
+            if rootfs:
+                try:
+                    await unmount_rootfs(rootfs)
+                except OSError as exc:
+                    error = error or Unknown(f"failed rootfs umount: {exc}")
+            if error is not None:
+                raise error
+            self.publish(
+                "/tasks/delete",
+                ev.TaskDelete(
+                    container_id=container.id,
+                    pid=proc.pid,
+                    exit_status=proc.exit_status,
+                    exited_at=_timestamp(proc.exited_at),
+                    id=container.id,
+                ),
+            )
+        self.updates.append(("deleted", container.id, req.exec_id))
+        return bytes(
+            task.DeleteResponse(
+                pid=proc.pid, exit_status=proc.exit_status, exited_at=_timestamp(proc.exited_at)
+            )
+        )
+
+    async def kill(self, payload: bytes) -> bytes:
+        req = task.KillRequest.parse(payload)
+        container = self.container(req.id)
+        proc = self.process(container, req.exec_id)
+        proc.check(Op.KILL)
+        if proc.init:
+            try:
+                await self.runc(container).kill(container.id, req.signal, all=req.all)
+            except RuncError as err:
+                raise kill_error(err) from None
+            return b""
+        if proc.pid == 0:
+            raise FailedPrecondition("process not created")
+        if proc.exited_at is not None:
+            raise NotFound("process already finished")
+        try:
+            os.kill(proc.pid, req.signal)
+        except ProcessLookupError:
+            raise NotFound("process already finished") from None
+        return b""
+
+    async def killall(self, payload: bytes) -> bytes:
+        """Init exited and the container has no PID namespace of its own: SIGKILL what is left."""
+        container = self.containers.get(payload.decode())
+        if container is not None:
+            try:
+                await self.runc(container).kill(container.id, 9, all=True)
+            except RuncError as err:
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "OCI runtime killall failed for %s: %s", container.id, err.text
+                )
+        return b""
+
+    async def pause(self, payload: bytes) -> bytes:
+        container = self.container(task.PauseRequest.parse(payload).id)
+        init = container.init
+        before, after = init.state, init.check(Op.PAUSE)
+        try:
+            await self.runc(container).pause(container.id)
+        except RuncError as err:
+            raise runtime_error(err, "OCI runtime pause failed") from None
+        self.updates.append(("state", container.id, "", before.value, after.value))
+        self.publish("/tasks/paused", ev.TaskPaused(container_id=container.id))
+        return b""
+
+    async def resume(self, payload: bytes) -> bytes:
+        container = self.container(task.ResumeRequest.parse(payload).id)
+        init = container.init
+        before, after = init.state, init.check(Op.RESUME)
+        try:
+            await self.runc(container).resume(container.id)
+        except RuncError as err:
+            raise runtime_error(err, "OCI runtime resume failed") from None
+        self.updates.append(("state", container.id, "", before.value, after.value))
+        self.publish("/tasks/resumed", ev.TaskResumed(container_id=container.id))
+        return b""
+
+    async def update(self, payload: bytes) -> bytes:
+        req = task.UpdateTaskRequest.parse(payload)
+        container = self.container(req.id)
+        if req.resources is None:
+            raise InvalidArgument("update: no resources")
+        container.init.check(Op.UPDATE)
+        try:
+            await self.runc(container).update(container.id, req.resources.value)
+        except RuncError as err:
+            raise runtime_error(err, "OCI runtime update failed") from None
+        return b""
+
+    async def pids(self, payload: bytes) -> bytes:
+        container = self.container(task.PidsRequest.parse(payload).id)
+        try:
+            pids = await self.runc(container).ps(container.id)
+        except RuncError as err:
+            raise Unknown(f"failed to list pids: {err.text}") from None
+        by_pid = {p.pid: p.id for p in container.execs.values() if p.pid}
+        processes = []
+        for pid in pids:
+            info = _any(ProcessDetails(exec_id=by_pid[pid])) if pid in by_pid else None
+            processes.append(ProcessInfo(pid=pid, info=info))
+        return bytes(task.PidsResponse(processes=processes))
+
+    async def stats(self, payload: bytes) -> bytes:
+        container = self.container(task.StatsRequest.parse(payload).id)
+        data = container.config.get("cgroup")
+        if data is None:
+            raise NotFound("cgroup does not exist")
+        url, metrics = cgroups.Cgroup(**data).metrics()
+        return bytes(task.StatsResponse(stats=AnyMessage(type_url=url, value=metrics)))
+
+    async def checkpoint(self, payload: bytes) -> bytes:
+        req = task.CheckpointTaskRequest.parse(payload)
+        container = self.container(req.id)
+        if shutil.which("criu", path=f"{os.environ.get('PATH', '')}:/usr/local/sbin:/usr/sbin:/sbin") is None:
+            raise NotImplementedErr("checkpoint needs criu, which is not installed")
+        opts = CheckpointOptions()
+        if req.options is not None and req.options.type_url:
+            opts = CheckpointOptions.parse(req.options.value)
+        container.init.check(Op.CHECKPOINT)
+        # The image goes to req.path; CheckpointOptions.image_path is for the daemon, not the shim.
+        own_work = not opts.work_path
+        work = opts.work_path or os.path.join(container.bundle, "work", "criu-work")
+        try:
+            await self.runc(container).checkpoint(
+                container.id,
+                image_path=req.path,
+                work_path=work,
+                leave_running=not opts.exit,
+                tcp=opts.open_tcp,
+                unix_sockets=opts.external_unix_sockets,
+                terminal=opts.terminal,
+                file_locks=opts.file_locks,
+                empty_namespaces=tuple(opts.empty_namespaces),
+            )
+        except RuncError as err:
+            dump_log = os.path.join(container.bundle, "criu-dump.log")
+            with contextlib.suppress(OSError):
+                shutil.copyfile(os.path.join(work, "dump.log"), dump_log)
+            raise Unknown(
+                f"{err.text.splitlines()[0] if err.text else 'checkpoint failed'} path= {dump_log}"
+            ) from None
+        finally:
+            if own_work:
+                shutil.rmtree(work, ignore_errors=True)
+        return b""
+
+
+def _cgroup_data(pid: int) -> dict[str, Any] | None:
+    try:
+        cgroup = cgroups.Cgroup.for_pid(pid)
+    except OSError:
+        return None
+    if cgroup is None:
+        return None
+    return {"v2": cgroup.v2, "path": cgroup.path, "dirs": dict(cgroup.dirs)}
+
+
+def _open_oom(data: dict[str, Any]) -> tuple[dict[str, Any], list[int]] | None:
+    try:
+        return cgroups.open_oom_fds(cgroups.Cgroup(**data))
+    except OSError as exc:
+        import logging
+
+        logging.getLogger(__name__).warning("oom: cannot watch %s: %s", data, exc)
+        return None
