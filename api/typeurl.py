@@ -50,8 +50,11 @@ def marshal(message: Message) -> tuple[str, bytes]:
 
 
 def lookup(url: str) -> type[Message] | None:
-    name = url.removeprefix(_PREFIX)
-    cls: type[Message] | None = _pool().url_to_type.get(_PREFIX + name)
+    from pyctr.api._pb.message_pool import default_message_pool
+
+    key = _PREFIX + url.removeprefix(_PREFIX)
+    # Usually the type's module is loaded already; only an unknown URL makes us import them all.
+    cls: type[Message] | None = default_message_pool.url_to_type.get(key) or _pool().url_to_type.get(key)
     return cls
 
 
