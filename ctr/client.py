@@ -6,11 +6,7 @@ the way ``ctr`` does.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING, Any, TypeVar
-
-from grpclib.client import Channel
-from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from pyctr.api import errdefs, namespaces
 
@@ -28,12 +24,7 @@ if TYPE_CHECKING:  # the stubs are imported by the property that returns one
     from pyctr.api._pb.containerd.services.transfer.v1 import TransferStub
     from pyctr.api._pb.containerd.services.version.v1 import VersionStub
 
-DEFAULT_ADDRESS = "/run/pyctrd/pyctrd.sock"
 S = TypeVar("S")
-
-
-def default_address() -> str:
-    return os.environ.get("PYCTR_ADDRESS") or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
 
 
 class Client:
@@ -43,6 +34,8 @@ class Client:
         self.address = address.removeprefix("unix://")
         self.namespace = namespace
         self.timeout = timeout
+        from grpclib.client import Channel  # here: translate() needs none of it
+
         self.channel = Channel(path=self.address)
 
     def stub(self, cls: type[S], namespace: str | None = None) -> S:
@@ -132,7 +125,14 @@ class Client:
 
 
 def translate(exc: BaseException, address: str) -> BaseException:
-    """Turn transport and status errors into the errors users should read."""
+    """Turn transport and status errors into the errors users should read.
+
+    Not only for this client's errors: the lean client's (pyctr.api.grpclite) come here too, and
+    grpclib is imported only when the error is one of its own."""
+    if type(exc).__module__.startswith("grpclib"):
+        from grpclib.exceptions import GRPCError, StreamTerminatedError
+    else:
+        GRPCError = StreamTerminatedError = ()  # type: ignore[assignment,misc]
     if isinstance(exc, GRPCError):
         return errdefs.from_status(int(exc.status.value), exc.message or "")
     if isinstance(exc, ConnectionRefusedError | FileNotFoundError):

@@ -18,26 +18,38 @@ registry-1.docker.io. Secrets never reach a log line or an error message.
 
 from __future__ import annotations
 
-import getpass
-import json
 import os
-import subprocess
 import sys
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
 
-from pyctr.api import dockerconfig
 from pyctr.api.errdefs import InvalidArgument
+
+# What only a prompt, a config file or a helper needs (json, getpass, subprocess, urllib, the
+# config.json codec) is imported there: most pulls have none of them, and pull's start-up counts.
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing at run time
+if TYPE_CHECKING:
+    from typing import Any
 
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_KEY = "https://index.docker.io/v1/"  # what Docker calls Docker Hub in config.json
 
 
-@dataclass(frozen=True)
 class Credentials:
-    username: str  # "" with a secret: the secret is an identity (refresh) token
-    secret: str
+    """A user name and secret; a plain class, not a dataclass (importing dataclasses costs more
+    than a pull's whole client-side work)."""
+
+    __slots__ = ("secret", "username")
+
+    def __init__(self, username: str, secret: str) -> None:
+        self.username = username  # "" with a secret: the secret is an identity (refresh) token
+        self.secret = secret
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Credentials):
+            return NotImplemented
+        return (self.username, self.secret) == (other.username, other.secret)
+
+    def __hash__(self) -> int:
+        return hash((self.username, self.secret))
 
     def __repr__(self) -> str:  # keep secrets out of tracebacks
         return f"Credentials(username={self.username!r}, secret=***)"
@@ -58,6 +70,8 @@ def prompt_password(user: str) -> str:
             f"--user {user}: no password given and stdin is not a terminal to ask on "
             "(use --user user:password)"
         )
+    import getpass
+
     return getpass.getpass("Password: ")
 
 
@@ -69,6 +83,8 @@ def config_path() -> str:
 def _key_host(key: str) -> str:
     """A config.json key ("https://host/v1/", "host", "http://host:5000") as a bare host."""
     if "://" in key:
+        from urllib.parse import urlsplit
+
         return urlsplit(key).netloc
     return key.split("/", 1)[0]
 
@@ -78,6 +94,8 @@ def _same_registry(a: str, b: str) -> bool:
 
 
 def _auth_entry(key: str, entry: dict[str, Any]) -> Credentials | None:
+    from pyctr.api import dockerconfig
+
     try:
         found = dockerconfig.decode_auth_entry(entry)
     except ValueError as e:
@@ -87,6 +105,10 @@ def _auth_entry(key: str, entry: dict[str, Any]) -> Credentials | None:
 
 def _run_helper(helper: str, server: str) -> Credentials | None:
     """``docker-credential-<helper> get``; a missing or broken helper stops pyctr with its reason."""
+    import subprocess
+
+    from pyctr.api import dockerconfig
+
     try:
         found = dockerconfig.helper_get(helper, server)
     except FileNotFoundError as e:
@@ -111,9 +133,13 @@ class DockerConfig:
         path = path or config_path()
         try:
             with open(path, "rb") as f:
-                doc = json.load(f)
+                raw = f.read()
         except FileNotFoundError:
             return None
+        import json
+
+        try:
+            doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidArgument(f"docker config {path}: not JSON: {e}") from None
         if not isinstance(doc, dict):

@@ -1,7 +1,9 @@
 """``pyctr``: the command-line client, in the spirit of ``ctr``.
 
 Each noun lives in ``ctr/commands/<noun>.py`` and registers its verbs on the parser; a verb is an
-``async def`` taking the parsed arguments and a connected :class:`Client`.
+``async def`` taking the parsed arguments and a connected :class:`Client` (``func``), or, for the
+few whose start-up time matters (``images pull|push``), a plain function of the arguments alone
+(``run``) that needs no event loop.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ COMMANDS: list[tuple[str, list[tuple[str, list[str], str]]]] = [
     ("events", [("events", ["event"], "display events (filters: topic==…, namespace==…)")]),
 ]
 _GLOBAL_WITH_VALUE = {"-a", "--address", "-n", "--namespace", "--timeout"}
+DEFAULT_ADDRESS = "/run/pyctrd/pyctrd.sock"
+
+
+def default_address() -> str:
+    return os.environ.get("PYCTR_ADDRESS") or os.environ.get("CONTAINERD_ADDRESS") or DEFAULT_ADDRESS
 
 
 def _command_word(argv: Sequence[str]) -> str:
@@ -65,8 +72,6 @@ def _module_for(word: str) -> str:
 
 def parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The full parser for the command in ``argv`` (default: every command, fully registered)."""
-    from pyctr.ctr.client import default_address
-
     p = argparse.ArgumentParser(prog="pyctr", description="pyctr: a client for pyctrd and containerd")
     p.add_argument(
         "-a",
@@ -107,6 +112,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser(argv).parse_args(argv)
     try:
+        if getattr(args, "run", None) is not None:
+            # A verb that must start fast (pull, push): blocking, on pyctr.api.grpclite, no loop.
+            return int(args.run(args) or 0)
         import uvloop
 
         return uvloop.run(_run(args))

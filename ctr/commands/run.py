@@ -30,7 +30,7 @@ from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.errdefs import NotFound
 from pyctr.ctr import attach, oci, output, rootfs, stdio, users
 from pyctr.ctr.client import Client
-from pyctr.ctr.commands.images import image_config
+from pyctr.ctr.imageops import image_config
 
 RUNC_OPTIONS_TYPE = "containerd.runc.v1.Options"
 CGROUP_MOUNT = {

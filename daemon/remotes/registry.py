@@ -20,7 +20,7 @@ failures move on to the next; the first failure that is not a 404 is what is rep
 has the object); push uses the first endpoint with the push capability. Requests to a mirror
 carry ``?ns=<domain>`` as containerd's do.
 
-Connections: one aiohttp session (pooled, at most 16 per host); 30 s to connect, no total limit
+Connections: one pooled HTTP/1.1 client (httpclient.Client, at most 16 per host); 30 s to connect, no total limit
 (blobs can be large) but a read that stalls for 120 s counts as a dropped connection. Idempotent
 requests are retried ``max_retries`` times on network errors and 408/429/5xx with a short
 exponential pause (honouring a small Retry-After). A blob stream that breaks resumes with
@@ -35,17 +35,14 @@ Authentication: see :mod:`pyctr.daemon.remotes.auth` for the flow.
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import ssl
-import urllib.request
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urljoin
 
-import aiohttp
 import structlog
-from yarl import URL
 
 from pyctr.api import digest as digestmod
 from pyctr.api.errdefs import (
@@ -61,6 +58,19 @@ from pyctr.api.errdefs import (
 from pyctr.daemon.remotes import errors
 from pyctr.daemon.remotes.auth import Authorizer, CredentialsFunc, TokenRequest
 from pyctr.daemon.remotes.hosts import RegistryHost, hosts_for, is_localhost
+from pyctr.daemon.remotes.httpclient import (
+    Client,
+    HTTPError,
+    Response,
+    TLSError,
+    extend_query,
+    host_of,
+    origin,
+    proxies_from_environment,
+    proxy_bypass,
+    scheme_of,
+    update_query,
+)
 from pyctr.daemon.remotes.reference import Reference
 
 log = structlog.get_logger("pyctrd.remotes")
@@ -176,19 +186,19 @@ def _backoff(attempt: int) -> float:
     return min(0.1 * (2 ** (attempt - 1)), 2.0)
 
 
-def _retry_after(resp: aiohttp.ClientResponse, attempt: int) -> float:
+def _retry_after(resp: Response, attempt: int) -> float:
     try:
         return min(max(float(resp.headers.get("Retry-After", "")), 0.0), MAX_RETRY_AFTER)
     except ValueError:
         return _backoff(attempt)
 
 
-async def _error_body(resp: aiohttp.ClientResponse) -> bytes:
+async def _error_body(resp: Response) -> bytes:
     if resp.method == "HEAD":
         return b""
     try:
-        return await resp.content.read(errors.MAX_ERROR_BODY)
-    except (aiohttp.ClientError, TimeoutError):
+        return await resp.read(errors.MAX_ERROR_BODY)
+    except (HTTPError, TimeoutError):
         return b""
 
 
@@ -243,7 +253,7 @@ class RegistryClient:
         headers: dict[str, str] | None = None,
         user_agent: str = "pyctr/0.1",
         max_retries: int = 3,
-        session: aiohttp.ClientSession | None = None,
+        session: Client | None = None,
     ) -> None:
         """One client per set of credentials (tokens are cached in it). ``session`` shares a
         connection pool between clients; it is the caller's to close."""
@@ -254,13 +264,10 @@ class RegistryClient:
         self._auth = Authorizer(credentials, self._fetch_token)
         self._session = session
         self._own_session = session is None
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=CONNECT_TIMEOUT, sock_read=READ_TIMEOUT
-        )
         self._ssl: dict[tuple[Any, ...], ssl.SSLContext] = {}
-        self._ssl_by_origin: dict[URL, ssl.SSLContext | bool] = {}
+        self._ssl_by_origin: dict[str, ssl.SSLContext | None] = {}
         # Read once: the proxy settings of the daemon's environment do not change while it runs.
-        self._proxies = urllib.request.getproxies_environment()
+        self._proxies = proxies_from_environment()
 
     @property
     def authorizer(self) -> Authorizer:
@@ -283,22 +290,21 @@ class RegistryClient:
 
     # ---------------------------------------------------------------------------- transport
 
-    def _get_session(self) -> aiohttp.ClientSession:
+    def _get_session(self) -> Client:
         if self._session is None or self._session.closed:
             self._own_session = True
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=64, limit_per_host=16),
-                timeout=self._timeout,
+            self._session = Client(
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
                 # Bigger reads mean fewer, larger pieces for fetch() to join.
                 read_bufsize=256 << 10,
-                auto_decompress=False,
-                trust_env=False,  # proxies are chosen per request below; ~/.netrc is not ours to read
+                limit_per_host=16,
             )
         return self._session
 
-    def _ssl_for(self, host: RegistryHost) -> ssl.SSLContext | bool:
+    def _ssl_for(self, host: RegistryHost) -> ssl.SSLContext | None:
         if host.scheme != "https" or not (host.ca_files or host.client_cert or host.skip_verify):
-            return True  # aiohttp's verifying default context
+            return None  # the client's verifying default context
         key = (host.ca_files, host.client_cert, host.skip_verify)
         ctx = self._ssl.get(key)
         if ctx is None:
@@ -315,73 +321,65 @@ class RegistryClient:
                 ctx.check_hostname = False
                 ctx.verify_mode = ssl.CERT_NONE
             self._ssl[key] = ctx
-        self._ssl_by_origin[URL(host.base_url).origin()] = ctx
+        self._ssl_by_origin[origin(host.base_url)] = ctx
         return ctx
 
-    def _proxy(self, url: URL) -> str | None:
-        host = url.host or ""
+    def _proxy(self, url: str) -> str | None:
+        host = host_of(url)
         if not self._proxies or is_localhost(host):
             return None
-        # proxy_bypass_environment is public but missing from typeshed.
-        if urllib.request.proxy_bypass_environment(host, self._proxies):  # type: ignore[attr-defined]
+        if proxy_bypass(host, self._proxies):
             return None
-        return self._proxies.get(url.scheme)
+        return self._proxies.get(scheme_of(url))
 
     async def _send_following(
         self,
         host: RegistryHost,
         method: str,
-        url: URL,
+        url: str,
         headers: dict[str, str],
         authorization: str | None,
         data: Any,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """One request, redirects followed; Authorization only for the registry's own origin."""
         session = self._get_session()
-        origin = URL(host.base_url).origin()
+        registry_origin = origin(host.base_url)
         for _ in range(MAX_REDIRECTS + 1):
-            same = url.origin() == origin
+            same = origin(url) == registry_origin
             hdrs = dict(headers)
             if authorization and same:
                 hdrs["Authorization"] = authorization
-            body = data
-            if isinstance(data, bytes) and len(data) > 1 << 20:
-                # aiohttp writes a large bytes body in one go; a file object goes out in chunks.
-                # A new one each time, so that a retry or redirect sends it from the start.
-                body = io.BytesIO(data)
             resp = await session.request(
                 method,
                 url,
                 headers=hdrs,
-                data=body,
-                timeout=self._timeout,
-                ssl=self._ssl_for(host) if same else True,
+                data=data,
+                ssl_context=self._ssl_for(host) if same else None,
                 proxy=self._proxy(url),
-                allow_redirects=False,
             )
             location = resp.headers.get("Location")
             if resp.status not in _REDIRECTS or not location:
                 return resp
             resp.release()
-            # encoded=True: a presigned URL's query must go back byte for byte.
-            url = resp.url.join(URL(location, encoded=True))
+            # Joined as text: a presigned URL's query must go back byte for byte.
+            url = urljoin(resp.url, location)
             if resp.status == 303:
                 method, data = "GET", None
-            log.debug("following redirect", status=resp.status, to=str(url.origin()))
+            log.debug("following redirect", status=resp.status, to=origin(url))
         raise Unavailable(f"{host.host}: more than {MAX_REDIRECTS} redirects")
 
     async def _send(
         self,
         host: RegistryHost,
         method: str,
-        url: URL,
+        url: str,
         *,
         scope: str,
         what: str,
         headers: dict[str, str] | None = None,
         data: Any = None,
         replayable: bool = True,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send with auth, retries and redirects. Returns the final response, whatever its status,
         except that a 401 after a fresh authorization is PermissionDenied and a network failure
         after the retries is Unavailable."""
@@ -392,9 +390,9 @@ class RegistryClient:
         while True:
             try:
                 resp = await self._send_following(host, method, url, hdrs, authorization, data)
-            except (aiohttp.ClientSSLError, aiohttp.ClientConnectorCertificateError) as e:
+            except TLSError as e:
                 raise Unavailable(f"{what}: {host.host}: tls: {e}") from e
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except (HTTPError, TimeoutError) as e:
                 if not replayable or attempt >= self.max_retries:
                     raise Unavailable(
                         f"{what}: {host.scheme}://{host.host}: {str(e) or type(e).__name__}"
@@ -403,7 +401,7 @@ class RegistryClient:
                 log.debug("retrying after a network error", host=host.host, error=str(e), attempt=attempt)
                 await asyncio.sleep(_backoff(attempt))
                 continue
-            if resp.status == 401 and resp.url.origin() == URL(host.base_url).origin():
+            if resp.status == 401 and origin(resp.url) == origin(host.base_url):
                 challenges = resp.headers.getall("WWW-Authenticate", [])
                 if authorized_again or not replayable or not challenges:
                     body = await _error_body(resp)
@@ -424,7 +422,7 @@ class RegistryClient:
                 continue
             return resp
 
-    async def _fail(self, resp: aiohttp.ClientResponse, host: RegistryHost, what: str) -> ContainerdError:
+    async def _fail(self, resp: Response, host: RegistryHost, what: str) -> ContainerdError:
         body = await _error_body(resp)
         resp.release()
         return errors.for_response(resp.status, resp.reason or "", body, what=what, registry=host.host)
@@ -432,38 +430,38 @@ class RegistryClient:
     async def _fetch_token(self, req: TokenRequest) -> bytes:
         """The token endpoint round trip for the Authorizer (GET or OAuth2 POST)."""
         session = self._get_session()
-        url = URL(req.url, encoded=True)
+        url = req.url
         headers = dict(self._headers)
         if req.authorization:
             headers["Authorization"] = req.authorization
-        sslctx = self._ssl_by_origin.get(url.origin(), True)
+        sslctx = self._ssl_by_origin.get(origin(url))
         attempt = 0
         while True:
             try:
                 if req.method == "POST":
-                    resp = await session.post(
+                    resp = await session.request(
+                        "POST",
                         url,
                         data=req.params,
                         headers=headers,
-                        ssl=sslctx,
+                        ssl_context=sslctx,
                         proxy=self._proxy(url),
-                        timeout=self._timeout,
                     )
                 else:
-                    resp = await session.get(
-                        url.update_query(req.params),
+                    resp = await session.request(
+                        "GET",
+                        update_query(url, req.params),
                         headers=headers,
-                        ssl=sslctx,
+                        ssl_context=sslctx,
                         proxy=self._proxy(url),
-                        timeout=self._timeout,
                     )
                 async with resp:
-                    body = await resp.content.read(1 << 20)
+                    body = await resp.read(1 << 20)
                     status, reason = resp.status, resp.reason or ""
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except (HTTPError, TimeoutError) as e:
                 if attempt >= self.max_retries:
                     raise Unavailable(
-                        f"fetching a token from {url.origin()}: {str(e) or type(e).__name__}"
+                        f"fetching a token from {origin(url)}: {str(e) or type(e).__name__}"
                     ) from e
                 attempt += 1
                 await asyncio.sleep(_backoff(attempt))
@@ -472,15 +470,15 @@ class RegistryClient:
                 return body
             detail = errors.describe(status, reason, body)
             if status in (401, 403):
-                raise PermissionDenied(f"unauthorized: token server {url.host} refused: {detail}")
-            raise errors.for_response(status, reason, body, what="fetching a token", registry=str(url.host))
+                raise PermissionDenied(f"unauthorized: token server {host_of(url)} refused: {detail}")
+            raise errors.for_response(status, reason, body, what="fetching a token", registry=host_of(url))
 
     # -------------------------------------------------------------------------------- helpers
 
-    def _url(self, host: RegistryHost, ref: Reference, *parts: str) -> URL:
-        url = URL(f"{host.base_url}/{ref.path}/{'/'.join(parts)}", encoded=True)
+    def _url(self, host: RegistryHost, ref: Reference, *parts: str) -> str:
+        url = f"{host.base_url}/{ref.path}/{'/'.join(parts)}"
         if _is_proxy(host.host, ref.domain):
-            url = url.update_query(ns=ref.domain)
+            url = update_query(url, {"ns": ref.domain})
         return url
 
     def _capable(self, ref: Reference, capability: str) -> list[RegistryHost]:
@@ -535,8 +533,8 @@ class RegistryClient:
                 raise await self._fail(resp, host, what)
             if resp.content_length is not None and resp.content_length > MAX_MANIFEST:
                 raise ResourceExhausted(f"{what}: manifest of {resp.content_length} bytes is too large")
-            body = await resp.content.read(MAX_MANIFEST + 1)
-        except (aiohttp.ClientError, TimeoutError) as e:
+            body = await resp.read(MAX_MANIFEST + 1)
+        except (HTTPError, TimeoutError) as e:
             raise Unavailable(f"{what}: {host.host}: {e}") from e
         finally:
             resp.release()
@@ -568,7 +566,7 @@ class RegistryClient:
 
     async def _open(
         self, ref: Reference, desc: Descriptor, hosts: list[RegistryHost], offset: int
-    ) -> tuple[RegistryHost, URL, aiohttp.ClientResponse]:
+    ) -> tuple[RegistryHost, str, Response]:
         """The first endpoint that has the object, with its response (status 200 or 206)."""
         what = f"{desc.digest} in {ref.name}"
         first_error: ContainerdError | None = None
@@ -588,8 +586,8 @@ class RegistryClient:
         raise NotFound(what)
 
     async def _get_from(
-        self, host: RegistryHost, url: URL, ref: Reference, desc: Descriptor, offset: int
-    ) -> aiohttp.ClientResponse:
+        self, host: RegistryHost, url: str, ref: Reference, desc: Descriptor, offset: int
+    ) -> Response:
         what = f"{desc.digest} in {ref.name}"
         headers = {"Accept": ", ".join((desc.media_type, "*/*"))} if desc.media_type else {}
         if offset:
@@ -600,7 +598,7 @@ class RegistryClient:
         return resp
 
     @staticmethod
-    def _skip_for(resp: aiohttp.ClientResponse, offset: int, size: int, what: str) -> int:
+    def _skip_for(resp: Response, offset: int, size: int, what: str) -> int:
         """How many leading bytes of ``resp`` to drop so that it starts at ``offset``; checks the
         lengths the server announces against the descriptor's size."""
         length = resp.content_length
@@ -646,7 +644,7 @@ class RegistryClient:
                 parts: list[bytes] = []
                 have = 0
                 try:
-                    async for piece in resp.content.iter_any():
+                    async for piece in resp.iter_any():
                         if skip:
                             dropped = min(skip, len(piece))
                             piece, skip = piece[dropped:], skip - dropped
@@ -663,7 +661,7 @@ class RegistryClient:
                             parts, have = [], 0
                             pos += len(out)
                             yield out
-                except (aiohttp.ClientError, TimeoutError) as e:
+                except (HTTPError, TimeoutError) as e:
                     failure = e
                 if parts:  # what arrived before a break is good: keep it rather than fetch it again
                     out = b"".join(parts)
@@ -725,7 +723,7 @@ class RegistryClient:
             raise await self._fail(resp, host, what)
         resp.release()
         # The upload URL may carry state in its query (_state=…): the digest is added to it.
-        put_url = resp.url.join(URL(location, encoded=True)).extend_query(digest=desc.digest)
+        put_url = extend_query(urljoin(resp.url, location), {"digest": desc.digest})
         headers = {"Content-Type": "application/octet-stream"}
         body: Any
         counting: _CountingBody | None = None

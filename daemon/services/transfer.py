@@ -114,8 +114,8 @@ class Workers:
 
 class TransferService(pb.TransferBase):
     def __init__(self, workers: Workers, streams: StreamManager) -> None:
-        # The registry client (aiohttp) is imported on the first transfer, not at daemon start:
-        # it is a quarter of pyctrd's import time and most daemons never pull.
+        # The registry client is imported on the first transfer, not at daemon start: most
+        # daemons never pull.
         self._workers = workers
         self._puller: Puller | None = None
         self._pusher: Pusher | None = None

@@ -8,8 +8,10 @@ unpacked, snapshots named by chain ID, and the config labelled
 ``containerd.io/gc.ref.snapshot.<snapshotter>`` with the top chain ID.
 
 Everything happens under a lease (expiring after a day) so the collector leaves half-pulled
-content alone; the lease goes at the end, and the image record keeps what it references.
-Layers download in parallel (bounded) and are unpacked in order as soon as each has arrived.
+content alone; the lease goes at the end, and the image record keeps what it references. The
+lease is written while the reference resolves (nothing is stored before both are done).
+Layers download in parallel (bounded) and are unpacked in order as soon as each has arrived;
+they start as soon as their manifest is read, while its config is fetched and stored.
 Concurrent pulls of the same blob in a namespace share one download; when it fails, each of the
 others tries on its own (the failure may be the first puller's credentials, not theirs).
 """
@@ -121,32 +123,44 @@ class Puller:
         expiry = (datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=24)).strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
-        await self.db.update(lambda c: leasestore.create(c, ns, lease, {"containerd.io/gc.expire": expiry}))
+        leased = asyncio.ensure_future(
+            self.db.update(lambda c: leasestore.create(c, ns, lease, {"containerd.io/gc.expire": expiry}))
+        )
         client = self.client_factory(credentials=opts.credentials, headers=opts.headers)
+        configs: list[asyncio.Future[None]] = []  # each manifest's config and itself, stored
         try:
             report(Progress(f"Resolving from {ref}", str(ref)))
             _, top = await client.resolve(ref)
+            await leased
             report(Progress(f"Pulling from {ref}", str(ref)))
             source = {f"containerd.io/distribution.source.{ref.domain.split(':')[0]}": ref.path}
-            manifests = await self._fetch_tree(ns, lease, client, ref, top, opts, source, report)
-            for manifest_desc, manifest in manifests:
+            manifests = await self._fetch_tree(ns, lease, client, ref, top, opts, source, configs)
+            for (manifest_desc, manifest), config in zip(manifests, configs, strict=True):
                 # As containerd: every chosen manifest's layers are fetched, but only those for
                 # the requested platforms are unpacked (--all-platforms fetches, not unpacks, all).
                 plat = _platform_of(manifest_desc)
                 if opts.unpack and (plat is None or any(platforms.matches(plat, w) for w in opts.platforms)):
-                    await self._unpack(ns, lease, client, ref, manifest_desc, manifest, opts, source, report)
+                    await self._unpack(
+                        ns, lease, client, ref, manifest_desc, manifest, config, opts, source, report
+                    )
                 else:
                     await self._fetch_layers(ns, lease, client, ref, manifest_desc, manifest, source, report)
+                    await config
             image = await self._store_image(ns, opts.name or str(ref), top, opts.labels)
             report(Progress("saved", image.name))
             report(Progress(f"Completed pull from {ref}", str(ref)))
             return image
         finally:
+            for task in configs:
+                task.cancel()
+            # The lease is not cancelled: its transaction may commit anyway, and it must go again.
+            await asyncio.gather(leased, *configs, return_exceptions=True)
             await client.close()
-            try:
-                await self.db.update(lambda c: leasestore.delete(c, ns, lease))
-            except errdefs.NotFound:
-                pass
+            if not leased.cancelled() and leased.exception() is None:
+                try:
+                    await self.db.update(lambda c: leasestore.delete(c, ns, lease))
+                except errdefs.NotFound:
+                    pass
 
     # -- blobs ---------------------------------------------------------------------------------
 
@@ -264,9 +278,10 @@ class Puller:
         top: Descriptor,
         opts: PullOptions,
         source: dict[str, str],
-        report: ProgressFunc,
+        configs: list[asyncio.Future[None]],
     ) -> list[tuple[Descriptor, dict[str, Any]]]:
-        """Store the index (if any), the chosen manifests and their configs; return the manifests."""
+        """Store the index (if any); return the chosen manifests. Each one's config is fetched and
+        stored, then the manifest itself, by a task added to ``configs`` (one per manifest, in order)."""
         data = await client.fetch_bytes(ref, top)
         doc = json.loads(data)
         media_type = top.media_type or doc.get("mediaType", "")
@@ -291,11 +306,11 @@ class Puller:
                 raise errdefs.NotFound(f"no match for platform in manifest {top.digest}: {wanted}")
             out = []
             for child in chosen:
-                out.append(await self._fetch_manifest(ns, lease, client, ref, child, source))
+                out.append(await self._fetch_manifest(ns, lease, client, ref, child, source, configs))
             await self._store_bytes(ns, lease, "index", top, data, labels)
             return out
         if media_type in MANIFEST_TYPES:
-            return [await self._fetch_manifest(ns, lease, client, ref, top, source, data)]
+            return [await self._fetch_manifest(ns, lease, client, ref, top, source, configs, data)]
         if "v1+prettyjws" in media_type or doc.get("schemaVersion") == 1:
             raise errdefs.NotImplementedErr("Docker schema 1 manifests are not supported")
         raise errdefs.NotImplementedErr(f"unsupported manifest media type {media_type}")
@@ -308,6 +323,7 @@ class Puller:
         ref: refmod.Reference,
         desc: Descriptor,
         source: dict[str, str],
+        configs: list[asyncio.Future[None]],
         data: bytes | None = None,
     ) -> tuple[Descriptor, dict[str, Any]]:
         if data is None:
@@ -318,9 +334,14 @@ class Puller:
         labels["containerd.io/gc.ref.content.config"] = config.digest
         for i, layer in enumerate(manifest.get("layers", [])):
             labels[f"containerd.io/gc.ref.content.l.{i}"] = layer["digest"]
-        config_data = await client.fetch_bytes(ref, config)
-        await self._store_bytes(ns, lease, "config", config, config_data, dict(source))
-        await self._store_bytes(ns, lease, "manifest", desc, data, labels)
+
+        async def store() -> None:
+            config_data = await client.fetch_bytes(ref, config)
+            await self._store_bytes(ns, lease, "config", config, config_data, dict(source))
+            await self._store_bytes(ns, lease, "manifest", desc, data, labels)
+
+        # The layers need not wait for the config and the stored manifest (the lease keeps all).
+        configs.append(asyncio.ensure_future(store()))
         return desc, manifest
 
     async def _fetch_layers(
@@ -361,19 +382,13 @@ class Puller:
         ref: refmod.Reference,
         manifest_desc: Descriptor,
         manifest: dict[str, Any],
+        config_stored: asyncio.Future[None],
         opts: PullOptions,
         source: dict[str, str],
         report: ProgressFunc,
     ) -> None:
         config_desc = _descriptor(manifest["config"])
-        chunks = [c async for _, c in await self.content.read(ns, config_desc.digest)]
-        config = json.loads(b"".join(chunks))
-        diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
         layers = [_descriptor(m) for m in manifest.get("layers", [])]
-        if len(diff_ids) != len(layers):
-            raise errdefs.FailedPrecondition(
-                f"mismatched image rootfs and manifest layers: {len(diff_ids)} diff IDs, {len(layers)} layers"
-            )
         parents = (manifest_desc.digest,)
         sem = asyncio.Semaphore(MAX_DOWNLOADS)
 
@@ -383,8 +398,16 @@ class Puller:
 
         downloads = [asyncio.ensure_future(download(layer)) for layer in layers]
         store = self.snapshotters[opts.snapshotter]
-        chains = unpack.chain_ids(diff_ids)
         try:
+            await config_stored
+            chunks = [c async for _, c in await self.content.read(ns, config_desc.digest)]
+            config = json.loads(b"".join(chunks))
+            diff_ids = list(config.get("rootfs", {}).get("diff_ids", []))
+            if len(diff_ids) != len(layers):
+                raise errdefs.FailedPrecondition(
+                    f"mismatched image rootfs and manifest layers: {len(diff_ids)} diff IDs, {len(layers)} layers"
+                )
+            chains = unpack.chain_ids(diff_ids)
             for i, layer in enumerate(layers):
                 await downloads[i]
                 await self._apply(

@@ -268,7 +268,7 @@ def test_auth_stream_answered_by_hand(pyctrd: daemons.Daemon, auth_registry: tup
     from pyctr.api._pb.containerd.types import transfer as tt
     from pyctr.api._pb.google.protobuf import Any as PbAny
     from pyctr.ctr.client import Client, translate
-    from pyctr.ctr.commands.images import SideStream
+    from pyctr.ctr.imageops import SideStream
 
     reg, ref = auth_registry
 
