@@ -3,12 +3,14 @@
 Each module that provides a plugin declares a :class:`Registration`; ``daemon/builtins.py`` lists
 them all explicitly, in a stable order. At start-up the registry sorts them so that every plugin
 starts after the plugin *types* it requires (``"*"`` means every other type), initialises each
-one once, and records a failure instead of aborting, as containerd does: Introspection reports
-each plugin with its error, and a plugin that asks for a failed dependency fails in turn.
+one once (concurrently with every plugin it does not depend on), and records a failure instead
+of aborting, as containerd does: Introspection reports each plugin with its error, and a plugin
+that asks for a failed dependency fails in turn.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -62,16 +64,18 @@ class Registration:
         return f"{self.type}.{self.id}"
 
 
-@dataclass
 class Plugin:
     """A registration once initialised: its instance or its error, and what it exports."""
 
-    registration: Registration
-    instance: Any = None
-    error: BaseException | None = None
-    exports: dict[str, str] = field(default_factory=dict)
-    capabilities: list[str] = field(default_factory=list)
-    platforms: list[tuple[str, str, str]] = field(default_factory=list)
+    __slots__ = ("capabilities", "error", "exports", "instance", "platforms", "registration")
+
+    def __init__(self, registration: Registration) -> None:
+        self.registration = registration
+        self.instance: Any = None
+        self.error: BaseException | None = None
+        self.exports: dict[str, str] = {}
+        self.capabilities: list[str] = []
+        self.platforms: list[tuple[str, str, str]] = []
 
 
 class InitContext:
@@ -101,10 +105,19 @@ class InitContext:
         arch = arch or {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
         self._plugin.platforms.append((os_, arch, variant))
 
+    def _check_ready(self, p: Plugin) -> None:
+        # Inits run concurrently: only the types a plugin requires are sure to be finished.
+        if p.registration.uri in self._registry.pending:
+            raise RuntimeError(
+                f"plugin {self._plugin.registration.uri} uses {p.registration.uri} before it is "
+                f"initialised: add {p.registration.type} to its requires"
+            )
+
     def get(self, type_: str) -> Any:
         """The first initialised plugin of ``type_``; its failure is ours."""
         for p in self._registry.plugins:
             if p.registration.type == type_:
+                self._check_ready(p)
                 if p.error is not None:
                     raise PluginNotFound(f"plugin {p.registration.uri} failed: {p.error}")
                 return p.instance
@@ -113,6 +126,7 @@ class InitContext:
     def get_by_id(self, type_: str, id_: str) -> Any:
         for p in self._registry.plugins:
             if p.registration.type == type_ and p.registration.id == id_:
+                self._check_ready(p)
                 if p.error is not None:
                     raise PluginNotFound(f"plugin {p.registration.uri} failed: {p.error}")
                 return p.instance
@@ -120,6 +134,9 @@ class InitContext:
 
     def get_all(self, type_: str) -> dict[str, Any]:
         """Every initialised plugin of ``type_``, by id (failed ones left out)."""
+        for p in self._registry.plugins:
+            if p.registration.type == type_:
+                self._check_ready(p)
         return {
             p.registration.id: p.instance
             for p in self._registry.plugins
@@ -129,6 +146,27 @@ class InitContext:
     @property
     def registry(self) -> Registry:
         return self._registry
+
+
+def dependencies(regs: Iterable[Registration]) -> dict[str, list[Registration]]:
+    """Each registration's URI -> the registrations it starts after (those of the types it requires).
+
+    ``"*"`` stands for every other type, except plugins that require ``"*"`` themselves.
+    """
+    regs = list(regs)
+    by_type: dict[str, list[Registration]] = {}
+    for r in regs:
+        by_type.setdefault(r.type, []).append(r)
+    result: dict[str, list[Registration]] = {}
+    for r in regs:
+        found: list[Registration] = []
+        for t in r.requires:
+            if t == "*":
+                found.extend(x for x in regs if x.type != r.type and "*" not in x.requires)
+            else:
+                found.extend(by_type.get(t, []))
+        result[r.uri] = found
+    return result
 
 
 def sort_registrations(regs: Iterable[Registration]) -> list[Registration]:
@@ -145,18 +183,7 @@ def sort_registrations(regs: Iterable[Registration]) -> list[Registration]:
     out: list[Registration] = []
     placed: set[str] = set()
     visiting: set[str] = set()
-    by_type: dict[str, list[Registration]] = {}
-    for r in regs:
-        by_type.setdefault(r.type, []).append(r)
-
-    def deps(r: Registration) -> list[Registration]:
-        result: list[Registration] = []
-        for t in r.requires:
-            if t == "*":
-                result.extend(x for x in regs if x.type != r.type)
-            else:
-                result.extend(by_type.get(t, []))
-        return result
+    deps = dependencies(regs)
 
     def visit(r: Registration) -> None:
         if r.uri in placed:
@@ -164,9 +191,7 @@ def sort_registrations(regs: Iterable[Registration]) -> list[Registration]:
         if r.uri in visiting:
             raise ValueError(f"plugin dependency cycle through {r.uri}")
         visiting.add(r.uri)
-        for d in deps(r):
-            if "*" in d.requires and "*" in r.requires:
-                continue
+        for d in deps[r.uri]:
             visit(d)
         visiting.discard(r.uri)
         placed.add(r.uri)
@@ -184,19 +209,23 @@ class Registry:
         self.plugins: list[Plugin] = [
             Plugin(r) for r in sort_registrations(registrations) if r.uri not in disabled
         ]
+        # URIs whose init has not finished (set while init_all runs).
+        self.pending: set[str] = set()
 
     async def init_all(self) -> None:
-        for p in self.plugins:
-            ctx = InitContext(self, p)
-            try:
-                p.instance = await p.registration.init(ctx)
-                log.debug("loading plugin", id=p.registration.uri, type=p.registration.type)
-            except SkipPlugin as exc:
-                p.error = exc
-                log.info("skip loading plugin", id=p.registration.uri, reason=str(exc))
-            except Exception as exc:
-                p.error = exc
-                log.warning("failed to load plugin", id=p.registration.uri, error=str(exc))
+        """Initialise every plugin once all plugins of the types it requires have finished.
+
+        Plugins that do not depend on each other initialise concurrently: the overlay check's
+        mounts, the metadata migrations and the task manager's shim reconnects overlap instead
+        of adding up. ``self.plugins`` keeps the sorted order for everything that lists them.
+        """
+        deps = dependencies(p.registration for p in self.plugins)
+        self.pending = {p.registration.uri for p in self.plugins}
+        started: dict[str, asyncio.Task[None]] = {}
+        for p in self.plugins:  # sorted: every dependency's task exists already
+            waits = [started[d.uri] for d in deps[p.registration.uri]]
+            started[p.registration.uri] = asyncio.ensure_future(self._init_one(p, waits))
+        await asyncio.gather(*started.values())
         failed_required = [
             p.registration.uri
             for p in self.plugins
@@ -207,6 +236,21 @@ class Registry:
             raise RuntimeError(
                 f"required plugins failed to load: {', '.join(sorted([*failed_required, *missing]))}"
             )
+
+    async def _init_one(self, p: Plugin, after: list[asyncio.Task[None]]) -> None:
+        if after:
+            await asyncio.wait(after)
+        try:
+            p.instance = await p.registration.init(InitContext(self, p))
+            log.debug("loading plugin", id=p.registration.uri, type=p.registration.type)
+        except SkipPlugin as exc:
+            p.error = exc
+            log.info("skip loading plugin", id=p.registration.uri, reason=str(exc))
+        except Exception as exc:
+            p.error = exc
+            log.warning("failed to load plugin", id=p.registration.uri, error=str(exc))
+        finally:
+            self.pending.discard(p.registration.uri)
 
     def instances(self, type_: str) -> list[Any]:
         return [p.instance for p in self.plugins if p.registration.type == type_ and p.error is None]

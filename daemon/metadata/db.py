@@ -59,7 +59,7 @@ from pyctr.daemon.rwlock import RWLock
 
 T = TypeVar("T")
 
-# Each entry moves the schema from version i to i+1; applied in one transaction each.
+# Each entry moves the schema from version i to i+1; the pending ones apply in one transaction.
 MIGRATIONS: list[str] = [
     """
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -225,17 +225,21 @@ class DB:
             raise RuntimeError(
                 f"metadata schema version {version} is newer than this pyctrd understands ({SCHEMA_VERSION})"
             )
-        for i in range(version, SCHEMA_VERSION):
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+        if version == SCHEMA_VERSION:
+            return
+        # Every pending migration in one transaction: a first start commits (and syncs) once, and
+        # a crash part-way leaves the schema at the version it had.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for i in range(version, SCHEMA_VERSION):
                 for stmt in MIGRATIONS[i].split(";"):
                     if stmt.strip():
                         conn.execute(stmt)
-                conn.execute(f"PRAGMA user_version = {i + 1}")
-                conn.execute("COMMIT")
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     async def _run(self, fn: Callable[[], T]) -> T:
         loop = asyncio.get_running_loop()

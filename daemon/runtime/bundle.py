@@ -12,7 +12,6 @@ The state part lives on tmpfs in production and does not survive a reboot; the w
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import re
@@ -67,6 +66,8 @@ def unmount(path: str, table: list[str] | None = None) -> None:
     pass): ``os.path.ismount`` misses a bind mount from the same filesystem (the native
     snapshotter's rootfs), and rmtree would then delete through it.
     """
+    import ctypes  # only a bundle delete unmounts; start-up does not pay for loading ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     real = os.path.realpath(path)
     for _ in range(100):  # stacked mounts come off one layer per pass

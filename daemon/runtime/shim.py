@@ -31,7 +31,6 @@ from pyctr.api import errdefs, namespaces, pbencode, ttrpc
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.daemon.runtime.bundle import Bundle
-from pyctr.shim import start as shim_start
 
 log = structlog.get_logger("pyctrd.runtime")
 
@@ -159,6 +158,8 @@ class ShimBinary:
 
     async def _start_in_process(self, bundle: Bundle, options: bytes) -> str:
         """The ``start`` action without its process; "" when no launcher could fork the shim."""
+        # Loaded by the first start: a restarted daemon reconnecting to its shims does not need it.
+        from pyctr.shim import start as shim_start
 
         def run() -> str:
             return shim_start.start(

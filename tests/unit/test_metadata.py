@@ -130,6 +130,24 @@ def test_newer_schema_is_refused(tmp_path: object) -> None:
         run(path, lambda c: None)
 
 
+def test_pending_migrations_apply_together_from_any_version(tmp_path: object) -> None:
+    """A first start applies every migration in one transaction; an older schema catches up."""
+    path = f"{tmp_path}/meta.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for stmt in dbmod.MIGRATIONS[0].split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    tables = "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name"
+    names = run(path, lambda c: [r[0] for r in c.execute(tables)], False)
+    assert {"meta", "leases", "content", "snapshots", "images", "containers"} <= set(names)
+    assert run(path, lambda c: c.execute("PRAGMA user_version").fetchone()[0], False) == dbmod.SCHEMA_VERSION
+
+    fresh = f"{tmp_path}/fresh.db"
+    assert run(fresh, lambda c: [r[0] for r in c.execute(tables)], False) == names
+
+
 WRITER = textwrap.dedent(
     """
     import asyncio, sys

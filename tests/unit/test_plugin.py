@@ -38,6 +38,64 @@ def test_cycles_and_duplicates_are_errors() -> None:
         plugin.sort_registrations([reg("a", "1"), reg("a", "1")])
 
 
+def test_independent_plugins_initialise_concurrently_dependents_wait(tmp_path: object) -> None:
+    """A slow init (the overlay check, shim reconnects) delays only the plugins that require it."""
+    events: list[str] = []
+    release = asyncio.Event()
+
+    def step(name: str, wait: bool = False) -> Any:
+        async def init(ic: plugin.InitContext) -> str:
+            events.append(f"{name} start")
+            if wait:
+                await release.wait()
+            if name == "other.fast":
+                release.set()  # only reachable if slow.s does not hold everything up
+            events.append(f"{name} done")
+            return name
+
+        return init
+
+    cfg = Config(root=f"{tmp_path}/r", state=f"{tmp_path}/s")
+    registry = plugin.Registry(
+        [
+            reg("slow", "s", init=step("slow.s", wait=True)),
+            reg("other", "fast", init=step("other.fast")),
+            reg("user", "u", ("slow",), init=step("user.u")),
+            reg("intro", "i", ("*",), init=step("intro.i")),
+        ],
+        cfg,
+    )
+    asyncio.run(asyncio.wait_for(registry.init_all(), 5))
+    assert events.index("other.fast done") < events.index("slow.s done")
+    assert events.index("slow.s done") < events.index("user.u start")
+    assert events[-2:] == ["intro.i start", "intro.i done"]
+    # Listing order stays the sorted one, whatever order the inits finished in.
+    assert [p.registration.uri for p in registry.plugins] == ["slow.s", "other.fast", "user.u", "intro.i"]
+    assert [registry.instances(t) for t in ("slow", "user")] == [["slow.s"], ["user.u"]]
+
+
+def test_using_a_plugin_not_required_is_an_error_not_a_none(tmp_path: object) -> None:
+    """With concurrent inits an undeclared dependency may still be initialising: say so."""
+    release = asyncio.Event()
+
+    async def slow(ic: plugin.InitContext) -> str:
+        await release.wait()
+        return "slow"
+
+    async def sneaky(ic: plugin.InitContext) -> Any:
+        try:
+            return ic.get("slow")
+        finally:
+            release.set()
+
+    cfg = Config(root=f"{tmp_path}/r", state=f"{tmp_path}/s")
+    registry = plugin.Registry([reg("slow", "s", init=slow), reg("user", "u", init=sneaky)], cfg)
+    asyncio.run(asyncio.wait_for(registry.init_all(), 5))
+    errors = {p.registration.uri: str(p.error) for p in registry.plugins}
+    assert "add slow to its requires" in errors["user.u"]
+    assert registry.instances("slow") == ["slow"]
+
+
 def test_failures_are_recorded_and_propagate_to_dependents(tmp_path: object) -> None:
     async def broken(ic: plugin.InitContext) -> None:
         raise RuntimeError("disk on fire")

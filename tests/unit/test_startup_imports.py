@@ -33,6 +33,8 @@ DEFERRED = (
     "grpclib.server",
     "h2",
     "dateutil",
+    # Only a bundle delete unmounts (daemon/runtime/bundle.py loads ctypes then).
+    "ctypes",
 )
 
 
@@ -60,3 +62,19 @@ def test_every_grpc_service_loads_under_its_declared_name() -> None:
         cls = getattr(mod, mod.service.__annotations__["return"])
         paths = {path.split("/")[1] for path in cls.__mapping__(object.__new__(cls))}
         assert paths == {name}, id_
+
+
+def test_reconnecting_to_shims_leaves_out_shim_start_and_event_messages() -> None:
+    """A restarted daemon loads the shim client for its running tasks; starting shims (the
+    launcher client) and the event messages (published only for a task that exited meanwhile)
+    stay out until they are needed."""
+    code = (
+        "import sys\n"
+        "import pyctr.daemon.daemon, pyctr.daemon.runtime.shim\n"
+        "from pyctr.api._pb.containerd.task import v2\n"
+        "from pyctr.api._pb.containerd.v1.types import Status\n"
+        "deferred = ('pyctr.shim.start', 'pyctr.api._pb.containerd.events')\n"
+        "print(' '.join(m for m in deferred if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == []
