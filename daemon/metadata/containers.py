@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pyctr.api import filters, identifiers, labels
 from pyctr.api.errdefs import AlreadyExists, InvalidArgument, NotFound
 from pyctr.api.identifiers import goquote
-from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns
+from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns, set_labels
 
 AnyValue = tuple[str, bytes]  # (type_url, value)
 
@@ -150,7 +150,7 @@ def create(conn: sqlite3.Connection, ns: str, c: Container, lease: str = "") -> 
     if conn.execute("SELECT 1 FROM containers WHERE namespace = ? AND id = ?", (ns, c.id)).fetchone():
         raise AlreadyExists(f"container {goquote(c.id)}")
     t = now_ns()
-    created = replace(c, created_at=t, updated_at=t)
+    created = replace(c, labels=set_labels(c.labels), created_at=t, updated_at=t)
     _write(conn, ns, created, insert=True)
     return created
 
@@ -185,7 +185,7 @@ def update(conn: sqlite3.Connection, ns: str, c: Container, paths: Sequence[str]
                 ext.pop(key, None)
             updated = replace(updated, extensions=ext)
         elif path == "labels":
-            updated = replace(updated, labels=dict(c.labels))
+            updated = replace(updated, labels=set_labels(c.labels))
         elif path == "spec":
             updated = replace(updated, spec=c.spec)
         elif path == "extensions":

@@ -14,7 +14,7 @@ from pyctr.api import filters, labels
 from pyctr.api.errdefs import AlreadyExists, InvalidArgument, NotFound
 from pyctr.api.identifiers import goquote
 from pyctr.daemon.metadata import leases
-from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns
+from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns, set_labels
 
 INGEST_EXPIRY_NS = 24 * 3600 * 1_000_000_000  # an unleased ingest is kept for a day
 
@@ -105,7 +105,7 @@ def insert(conn: sqlite3.Connection, ns: str, dgst: str, size: int, lbls: dict[s
         " VALUES (?, ?, ?, ?, ?, ?)",
         (ns, dgst, size, dump_labels(lbls), t, t),
     )
-    return Info(dgst, size, t, t, dict(lbls))
+    return Info(dgst, size, t, t, set_labels(lbls))
 
 
 def add_to_lease(conn: sqlite3.Connection, ns: str, lease: str, type_: str, ident: str) -> None:

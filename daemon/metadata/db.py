@@ -52,7 +52,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TypeVar
 
 from pyctr.daemon.rwlock import RWLock
@@ -165,8 +165,16 @@ def now_ns() -> int:
     return time.time_ns()
 
 
-def dump_labels(labels: dict[str, str] | None) -> str:
-    return json.dumps(dict(sorted((labels or {}).items())), separators=(",", ":"))
+def set_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    """The labels (or annotations) as containerd stores them: an empty value means "not set"."""
+    return {k: v for k, v in (labels or {}).items() if v}
+
+
+def dump_labels(labels: Mapping[str, str] | None, *, keep_empty: bool = False) -> str:
+    """The stored JSON form. Empty values are dropped, as containerd's metadata store drops them
+    (boltutil's writeMap), except for namespace labels, which it writes as given."""
+    items = (labels or {}).items() if keep_empty else set_labels(labels).items()
+    return json.dumps(dict(sorted(items)), separators=(",", ":"))
 
 
 def load_labels(text: str | None) -> dict[str, str]:

@@ -10,7 +10,7 @@ from pyctr.api import digest as digestmod
 from pyctr.api import filters, labels
 from pyctr.api.errdefs import AlreadyExists, InvalidArgument, NotFound
 from pyctr.api.identifiers import goquote
-from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns
+from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns, set_labels
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,12 @@ class Image:
     labels: dict[str, str] = field(default_factory=dict)
     created_at: int = 0
     updated_at: int = 0
+
+
+def _stored(image: Image) -> Image:
+    """The image as it is stored: labels and target annotations without empty values."""
+    target = replace(image.target, annotations=set_labels(image.target.annotations))
+    return replace(image, labels=set_labels(image.labels), target=target)
 
 
 def validate(image: Image) -> None:
@@ -78,10 +84,30 @@ def adaptor(image: Image) -> filters.DictAdaptor:
     )
 
 
+_LIST = (
+    "SELECT name, target_media_type, target_digest, target_size, target_annotations, labels,"
+    " created_at, updated_at FROM images WHERE namespace = ? ORDER BY name"
+)
+
+
 def list_images(conn: sqlite3.Connection, ns: str, fs: Sequence[str]) -> list[Image]:
     flt = filters.parse_all(fs)
-    rows = conn.execute("SELECT * FROM images WHERE namespace = ? ORDER BY name", (ns,))
-    return [img for img in map(_image, rows) if flt.match(adaptor(img))]
+    # Plain tuples (no sqlite3.Row lookups by name): a List reads every image of the namespace.
+    cursor = conn.execute(_LIST, (ns,))
+    cursor.row_factory = None
+    imgs = [
+        Image(
+            name,
+            Descriptor(media_type, dgst, size, load_labels(annotations)),
+            load_labels(lbls),
+            created,
+            updated,
+        )
+        for name, media_type, dgst, size, annotations, lbls, created, updated in cursor
+    ]
+    if flt is filters.always:
+        return imgs
+    return [img for img in imgs if flt.match(adaptor(img))]
 
 
 def _write(conn: sqlite3.Connection, ns: str, image: Image, insert: bool) -> None:
@@ -117,7 +143,7 @@ def create(conn: sqlite3.Connection, ns: str, image: Image) -> Image:
     if conn.execute("SELECT 1 FROM images WHERE namespace = ? AND name = ?", (ns, image.name)).fetchone():
         raise AlreadyExists(f"image {goquote(image.name)}")
     t = now_ns()
-    created = replace(image, created_at=t, updated_at=t)
+    created = replace(_stored(image), created_at=t, updated_at=t)
     _write(conn, ns, created, insert=True)
     return created
 
@@ -150,8 +176,8 @@ def update(conn: sqlite3.Connection, ns: str, image: Image, paths: Sequence[str]
             )
         else:
             raise InvalidArgument(f"cannot update {goquote(path)} field on image {goquote(image.name)}")
-    # An empty label value clears the label, as it does everywhere else.
-    updated = replace(updated, labels={k: v for k, v in updated.labels.items() if v})
+    # An empty value clears a label or an annotation, as it does everywhere else.
+    updated = _stored(updated)
     validate(updated)
     updated = replace(updated, created_at=current.created_at, updated_at=now_ns())
     _write(conn, ns, updated, insert=False)

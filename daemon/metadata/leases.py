@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from pyctr.api import filters, identifiers, labels
 from pyctr.api.errdefs import AlreadyExists, InvalidArgument, NotFound, NotImplementedErr
-from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns
+from pyctr.daemon.metadata.db import dump_labels, ensure_namespace, load_labels, now_ns, set_labels
 
 _DIGEST_RE = re.compile(r"^[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]+$")
 
@@ -68,7 +68,7 @@ def create(conn: sqlite3.Connection, namespace: str, lease_id: str, lbls: dict[s
         "INSERT INTO leases(namespace, id, labels, created_at) VALUES (?, ?, ?, ?)",
         (namespace, lease_id, dump_labels(lbls), t),
     )
-    return Lease(lease_id, t, dict(lbls))
+    return Lease(lease_id, t, set_labels(lbls))
 
 
 def _require(conn: sqlite3.Connection, namespace: str, lease_id: str) -> None:
@@ -93,14 +93,14 @@ def exists(conn: sqlite3.Connection, namespace: str, lease_id: str) -> bool:
 
 def list_leases(conn: sqlite3.Connection, namespace: str, fs: Sequence[str]) -> list[Lease]:
     flt = filters.parse_all(fs)
-    out = []
-    for row in conn.execute(
-        "SELECT id, labels, created_at FROM leases WHERE namespace = ? ORDER BY id", (namespace,)
-    ):
-        lease = Lease(row[0], row[2], load_labels(row[1]))
-        if flt.match(filters.DictAdaptor({"id": lease.id, "labels": lease.labels})):
-            out.append(lease)
-    return out
+    cursor = conn.execute(
+        "SELECT id, created_at, labels FROM leases WHERE namespace = ? ORDER BY id", (namespace,)
+    )
+    cursor.row_factory = None
+    found = [Lease(id, created, load_labels(lbls)) for id, created, lbls in cursor]
+    if flt is filters.always:
+        return found
+    return [x for x in found if flt.match(filters.DictAdaptor({"id": x.id, "labels": x.labels}))]
 
 
 def add_resource(conn: sqlite3.Connection, namespace: str, lease_id: str, r: Resource) -> None:

@@ -40,7 +40,7 @@ def create(conn: sqlite3.Connection, name: str, lbls: dict[str, str]) -> Namespa
     t = now_ns()
     conn.execute(
         "INSERT INTO namespaces(name, labels, created_at, updated_at) VALUES (?, ?, ?, ?)",
-        (name, dump_labels(lbls), t, t),
+        (name, dump_labels(lbls, keep_empty=True), t, t),
     )
     return Namespace(name, dict(lbls))
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from grpclib.const import Handler
+
 from pyctr.api import namespaces, pbutil
 from pyctr.api._pb.containerd.services.images import v1 as pb
 from pyctr.api._pb.containerd.types import Descriptor as PbDescriptor
@@ -12,6 +16,9 @@ from pyctr.daemon.events import Exchange
 from pyctr.daemon.gc.scheduler import Scheduler
 from pyctr.daemon.metadata import images as store
 from pyctr.daemon.metadata.db import DB
+from pyctr.daemon.services import replies
+
+LIST_PATH = "/containerd.services.images.v1.Images/List"
 
 
 def image_message(img: store.Image) -> pb.Image:
@@ -46,6 +53,19 @@ class ImagesService(pb.ImagesBase):
         ns = namespaces.required()
         img = await self.db.view(lambda c: store.get(c, ns, message.name))
         return pb.GetImageResponse(image=image_message(img))
+
+    def __mapping__(self) -> dict[str, Handler]:
+        """The generated routes, with List answered by bytes encoded from the records (replies.py)."""
+        mapping = super().__mapping__()
+        mapping[LIST_PATH] = mapping[LIST_PATH]._replace(func=self._list_rpc, reply_type=replies.Encoded)
+        return mapping
+
+    async def _list_rpc(self, stream: Any) -> None:
+        req: pb.ListImagesRequest | None = await stream.recv_message()
+        assert req is not None  # as the generated handler asserts
+        ns = namespaces.required()
+        imgs = await self.db.view(lambda c: store.list_images(c, ns, req.filters))
+        await stream.send_message(replies.repeated(map(replies.image, imgs)))
 
     async def list(self, message: pb.ListImagesRequest) -> pb.ListImagesResponse:
         ns = namespaces.required()

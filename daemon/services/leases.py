@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from grpclib.const import Handler
+
 from pyctr.api import namespaces, pbutil
 from pyctr.api._pb.containerd.services.leases import v1 as pb
 from pyctr.api._pb.google.protobuf import Empty
@@ -10,6 +14,9 @@ from pyctr.daemon import plugin
 from pyctr.daemon.gc.scheduler import Scheduler
 from pyctr.daemon.metadata import leases as store
 from pyctr.daemon.metadata.db import DB
+from pyctr.daemon.services import replies
+
+LIST_PATH = "/containerd.services.leases.v1.Leases/List"
 
 
 def lease_message(lease: store.Lease) -> pb.Lease:
@@ -42,6 +49,19 @@ class LeasesService(pb.LeasesBase):
             else:
                 self.gc.deleted()
         return Empty()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        """The generated routes, with List answered by bytes encoded from the records (replies.py)."""
+        mapping = super().__mapping__()
+        mapping[LIST_PATH] = mapping[LIST_PATH]._replace(func=self._list_rpc, reply_type=replies.Encoded)
+        return mapping
+
+    async def _list_rpc(self, stream: Any) -> None:
+        req: pb.ListRequest | None = await stream.recv_message()
+        assert req is not None  # as the generated handler asserts
+        ns = namespaces.required()
+        found = await self.db.view(lambda c: store.list_leases(c, ns, req.filters))
+        await stream.send_message(replies.repeated(map(replies.lease, found)))
 
     async def list(self, message: pb.ListRequest) -> pb.ListResponse:
         ns = namespaces.required()
