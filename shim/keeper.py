@@ -1058,50 +1058,82 @@ def warm_up(rounds: int = 10) -> None:
     """Runs the keeper's everyday paths in the launcher, before it forks any shim.
 
     3.11 counts calls in every code object until it quickens it, and specialises instructions in
-    place: done here, those writes land in pages every shim shares instead of in each shim's private
-    copy. Serves Connect, State and Wait over a socketpair, applies a worker's result, finishes an
-    exit (the event goes to a socket that does not exist, which also runs the retry path).
+    place; strings get their hash cached and caches get built on first use: done here, those writes
+    land in pages every shim shares instead of in each shim's private copy. Accepts a connection,
+    takes Create and Start through dispatch, applies workers' results for both (no fork: the jobs are
+    answered over a socketpair), serves Connect, State and Wait, and finishes an exit (the event goes
+    to a socket that does not exist, which also runs the retry path).
     """
-    task, client = socket.socketpair()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"\0pyrunc-warm-up-{os.getpid()}")
+    listener.listen(1)
     keeper = Keeper("warm-up", "", listener, "/")
     keeper.publisher.address = "/nonexistent/pyrunc-warm-up.sock"
-    keeper.stopping = True  # never fork a worker here
+    listener.setblocking(False)
+    keeper.watch(listener.fileno(), _IN, keeper.on_accept)
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        conn = Conn(task)
-        task.setblocking(False)
-        keeper.conns[conn.fd] = conn
-        keeper.watch(conn.fd, _IN, lambda events: keeper.on_conn(conn, events))
+        client.connect(listener.getsockname())
+        keeper.on_accept(_IN)
+        (conn,) = keeper.conns.values()
         sid = 1
-        for round in range(rounds):
-            id = f"w{round}"
-            init = Proc(id, id, True)
-            keeper.table.containers[id] = Container(id, "/", init, kill_all_on_exit=False)
-            keeper.table.open_window()
-            keeper.table.register(-1 - round, init)
-            keeper.table.close_window()
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            request = pw.string(1, id)
-            keeper.job = Job("Start", request, conn, sid)
-            keeper.job.sock = ours
-            result = {
-                "reply": pw.uint(1, 1),
-                "events": [("/tasks/start", "containerd.events.TaskStart", request)],
-                "updates": [("state", id, "", "created", "running"), ("config", id, {})],
-            }
-            socket.send_fds(theirs, [marshal.dumps(result)], [])
-            theirs.close()
-            keeper.watch(ours.fileno(), _IN, keeper.on_result)
-            keeper.on_result(_IN)
-            sid += 2
+
+        def call(*methods: str) -> None:
+            nonlocal sid
             frames = b""
-            for method in ("Connect", "State", "Wait", "State"):
+            for method in methods:
                 frames += ttrpc.encode_frame(
                     sid, ttrpc.REQUEST, 0, ttrpc.Request(TASK_SERVICE, method, request).encode()
                 )
                 sid += 2
             client.sendall(frames)
-            keeper.on_conn(conn, _IN)
+            keeper.handlers[conn.fd](_IN)
+
+        def answer(result: dict[str, Any]) -> None:
+            job = keeper.jobs.popleft()
+            keeper.job = job
+            if job.method in _HOLDING:
+                keeper.table.open_window()
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            job.sock = ours
+            socket.send_fds(theirs, [marshal.dumps(result)], [])
+            theirs.close()
+            keeper.watch(ours.fileno(), _IN, keeper.on_result)
+            keeper.handlers[ours.fileno()](_IN)
+
+        for round in range(rounds):
+            id = f"w{round}"
+            request = pw.string(1, id)
+            keeper.stopping = True  # queue the jobs, never fork a worker here
+            call("Connect", "Create")
+            record = {
+                "id": id,
+                "bundle": "/",
+                "stdin": "",
+                "stdout": "",
+                "stderr": "",
+                "terminal": False,
+                "pid": -1 - round,
+                "kill_all": False,
+                "config": {"command": "runc", "root": "/", "log": "/", "rootfs": "", "cgroup": None},
+            }
+            answer(
+                {
+                    "reply": pw.uint(1, 1),
+                    "events": [("/tasks/create", "containerd.events.TaskCreate", request)],
+                    "updates": [("container", record, None)],
+                }
+            )
+            call("Start")
+            answer(
+                {
+                    "reply": pw.uint(1, 1),
+                    "events": [("/tasks/start", "containerd.events.TaskStart", request)],
+                    "updates": [("state", id, "", "created", "running"), ("config", id, {"cgroup": None})],
+                }
+            )
+            keeper.stopping = False
+            call("Connect", "State", "Wait", "State")
             keeper.reap()
             proc = keeper.table.on_exit(Exit(-1 - round, 0, time.time()))
             if proc is not None:
@@ -1113,11 +1145,12 @@ def warm_up(rounds: int = 10) -> None:
                     pass
             client.setblocking(True)
         keeper.publisher.drop_conn()
+        keeper.drop(conn)
     finally:
         for fd in list(keeper.handlers):
             keeper.unwatch(fd)
         keeper.ep.close()
-        for sock in (task, client, listener):
+        for sock in (client, listener):
             sock.close()
         os.close(keeper.wake_r)
         os.close(keeper.wake_w)
