@@ -12,12 +12,17 @@ from pyctr.daemon import plugin, sdnotify
 from pyctr.daemon.builtins import BUILTINS
 from pyctr.daemon.config import Config
 from pyctr.daemon.server import GRPCServer, LazyService, SocketInUse, prepare_socket
+from pyctr.daemon.services import import_in_background
 
 log = structlog.get_logger("pyctrd")
 
 
 class StartError(RuntimeError):
     pass
+
+
+# What the diff service's first Apply imports (tarfile, isal, zstandard with it).
+LAYER_MODULES = ("pyctr.snapshotter.layer.apply", "pyctr.snapshotter.layer.compression")
 
 
 class Daemon:
@@ -38,6 +43,13 @@ class Daemon:
             ttrpc_sock = prepare_socket(cfg.ttrpc_address, cfg.ttrpc.uid, cfg.ttrpc.gid)
         except SocketInUse as exc:
             raise StartError(str(exc)) from None
+        # While the plugins initialise (mostly waiting on disk and subprocesses), a thread imports
+        # the service modules and the layer code, which start-up itself does not need: the first
+        # pull or run then finds them loaded (see import_in_background).
+        import_in_background(
+            (p.registration.id for p in self.registry.plugins if p.registration.type == plugin.GRPC),
+            LAYER_MODULES,
+        )
         try:
             await self.registry.init_all()
         except RuntimeError as exc:
