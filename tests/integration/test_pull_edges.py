@@ -369,8 +369,10 @@ def test_registry_stopped_mid_pull(pyctrd: daemons.Daemon, client: str) -> None:
         assert proc.returncode != 0, out
         message = err.decode(errors="replace")
         # ctr fetches itself and says only "failed to read expected number of bytes: unexpected
-        # EOF"; the daemon's error names the registry.
-        assert (reg.host if client == "pyctr" else "unexpected EOF") in message, message
+        # EOF" (or, when the kill lands while it opens the blob, "connection reset by peer"); the
+        # daemon's error names the registry.
+        expected = (reg.host,) if client == "pyctr" else ("unexpected EOF", "connection reset by peer")
+        assert any(text in message for text in expected), message
         assert ctr(d, NS, "version").returncode == 0, "the daemon no longer serves"
         assert ref not in image_names(d, NS)
         assert row is not None and 0 < frozen < size, (row, frozen)
