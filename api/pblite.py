@@ -1,7 +1,8 @@
 """Protobuf wire encoding and decoding by field number, for messages written without the generated
-code (where importing betterproto2 would cost more than the message is worth: see
-:mod:`pyctr.api.grpclite`). proto3 rules: zero scalars and empty strings are left out;
-sub-messages are written whenever present (an empty one as a zero-length field).
+code (where importing betterproto2 would cost more than the message is worth: the CLI's
+:mod:`pyctr.api.grpclite` calls, and the shim's keeper, whose every touched object costs memory).
+proto3 rules: zero scalars and empty strings are left out; sub-messages are written whenever
+present (an empty one as a zero-length field).
 
     key        varint(field_number << 3 | wire_type)
     wire type  0 varint, 1 fixed64, 2 length-delimited (string, bytes, message, packed), 5 fixed32
@@ -42,6 +43,21 @@ def string_map(number: int, values: Mapping[str, str]) -> bytes:
     """A ``map<string, string>``: one entry message {key = 1, value = 2} per item, both always
     written (as protobuf's own encoders write map entries, empty strings included)."""
     return repeated(number, (message(1, k.encode()) + message(2, v.encode()) for k, v in values.items()))
+
+
+def packed(number: int, values: Iterable[int]) -> bytes:
+    """A packed repeated varint field (proto3's default for repeated scalars); left out when empty."""
+    body = b"".join(varint(v) for v in values)
+    return message(number, body) if body else b""
+
+
+def timestamp(seconds: float) -> bytes:
+    """The body of a google.protobuf.Timestamp for a Unix time in seconds."""
+    whole = int(seconds // 1)
+    nanos = round((seconds - whole) * 1e9)
+    if nanos >= 1_000_000_000:
+        whole, nanos = whole + 1, nanos - 1_000_000_000
+    return uint(1, whole) + uint(2, nanos)
 
 
 def any_(type_url: str, value: bytes) -> bytes:

@@ -13,5 +13,5 @@ runc       the runc command driver          reaper   the only waiter for childre
 io         stdio pipes, FIFOs, the console   events   the publisher to the daemon
 cgroups    Stats metrics and OOM watching    mount    mount(2) with containerd's options
 bundle     the bundle directory's files      address  shim socket paths and the address file
-protowire  hand-written protobuf for the few messages without generated code
+(hand-written protobuf for the messages without generated code: pyctr.api.pblite)
 """

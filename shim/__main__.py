@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import NoReturn
 
-from pyctr.shim import protowire as pw
+from pyctr.api import pblite as pw
 from pyctr.shim.bundle import INIT_PID_FILE, find_binary, read_options, read_pid_file, runc_root
 from pyctr.shim.mount import unmount_all
 

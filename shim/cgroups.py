@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from pyctr.shim import protowire as pw
+from pyctr.api import pblite as pw
 
 log = logging.getLogger(__name__)
 

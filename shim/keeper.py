@@ -46,10 +46,10 @@ import time
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from pyctr.api import pblite as pw
 from pyctr.api import ttrpc
 from pyctr.api.errdefs import Code
 from pyctr.shim import address as shim_address
-from pyctr.shim import protowire as pw
 from pyctr.shim.process.state import Op, State
 from pyctr.shim.table import Container, Exit, Proc, ProcessTable, exit_status
 
@@ -415,7 +415,7 @@ class Publisher:
             pw.message(1, pw.timestamp(time.time()))
             + pw.string(2, self.namespace)
             + pw.string(3, topic)
-            + pw.message(4, pw.any_message(type_url, value))
+            + pw.message(4, pw.any_(type_url, value))
         )
         request = ttrpc.Request(
             EVENTS_SERVICE, "Forward", pw.message(1, envelope), 5_000_000_000, self.metadata

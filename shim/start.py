@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from pyctr.shim import protowire as pw
+from pyctr.api import pblite as pw
 
 # config.json annotations that put several containers in one shim (a pod), as in the runc shim.
 GROUP_LABELS = ("io.containerd.runc.v2.group", "io.kubernetes.cri.sandbox-id")

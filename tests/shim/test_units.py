@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from pyctr.api import pblite as pw
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api.errdefs import NotFound, Unknown
 from pyctr.shim import address, cgroups, mount
-from pyctr.shim import protowire as pw
 from pyctr.shim.__main__ import UsageError, parse_flags
 from pyctr.shim.bundle import RuncOptions, kill_all_on_exit, runc_root
 from pyctr.shim.process.state import EXEC, INIT, Op, State, transition
@@ -89,7 +89,7 @@ def test_runc_root_follows_the_daemon() -> None:
 # -- wire ----------------------------------------------------------------------------------------------
 
 
-def test_protowire_delete_response_decodes_with_generated_code() -> None:
+def test_hand_coded_delete_response_decodes_with_generated_code() -> None:
     body = pw.uint(1, 1234) + pw.uint(2, 137) + pw.message(3, pw.timestamp(1700000000.25))
     decoded = task.DeleteResponse.parse(body)
     assert (decoded.pid, decoded.exit_status) == (1234, 137)
