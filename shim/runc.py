@@ -152,6 +152,9 @@ class Runc:
             with contextlib.suppress(BlockingIOError, OSError):
                 while chunk := os.read(r, 65536):
                     output.extend(chunk)
+                # EOF: the pipe stays readable for good, and a level-triggered reader would run on
+                # every loop round until the exit arrives, keeping the reaper thread from the GIL.
+                loop.remove_reader(r)
 
         loop.add_reader(r, drain)
         try:
