@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from grpclib.const import Handler
 
 from pyctr.api import namespaces, pbutil
@@ -57,15 +55,8 @@ class ImagesService(pb.ImagesBase):
     def __mapping__(self) -> dict[str, Handler]:
         """The generated routes, with List answered by bytes encoded from the records (replies.py)."""
         mapping = super().__mapping__()
-        mapping[LIST_PATH] = mapping[LIST_PATH]._replace(func=self._list_rpc, reply_type=replies.Encoded)
+        replies.list_route(mapping, LIST_PATH, self.db, store.list_images, replies.image)
         return mapping
-
-    async def _list_rpc(self, stream: Any) -> None:
-        req: pb.ListImagesRequest | None = await stream.recv_message()
-        assert req is not None  # as the generated handler asserts
-        ns = namespaces.required()
-        imgs = await self.db.view(lambda c: store.list_images(c, ns, req.filters))
-        await stream.send_message(replies.repeated(map(replies.image, imgs)))
 
     async def list(self, message: pb.ListImagesRequest) -> pb.ListImagesResponse:
         ns = namespaces.required()

@@ -17,11 +17,19 @@ A field at its default is left out, a message field never is (an empty target is
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import sqlite3
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
+from grpclib.const import Handler
+
+from pyctr.api import namespaces
 from pyctr.api.wire import varint
+from pyctr.daemon.metadata.db import DB
 from pyctr.daemon.metadata.images import Image
 from pyctr.daemon.metadata.leases import Lease
+
+T = TypeVar("T")
 
 
 class Encoded:
@@ -89,3 +97,23 @@ def repeated(encoded: Iterable[bytes]) -> Encoded:
     for message in encoded:
         out += b"\x0a" + varint(len(message)) + message
     return Encoded(bytes(out))
+
+
+def list_route(
+    mapping: dict[str, Handler],
+    path: str,
+    db: DB,
+    lister: Callable[[sqlite3.Connection, str, Sequence[str]], list[T]],
+    encode: Callable[[T], bytes],
+) -> None:
+    """Replaces the generated List route at ``path``: the namespace's records as ``lister`` reads
+    them (with the request's filters), answered as repeated field 1 encoded by ``encode``."""
+
+    async def handle(stream: Any) -> None:
+        req = await stream.recv_message()
+        assert req is not None  # as the generated handler asserts
+        ns = namespaces.required()
+        found = await db.view(lambda c: lister(c, ns, req.filters))
+        await stream.send_message(repeated(map(encode, found)))
+
+    mapping[path] = mapping[path]._replace(func=handle, reply_type=Encoded)
