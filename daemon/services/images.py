@@ -55,7 +55,7 @@ class ImagesService(pb.ImagesBase):
     def __mapping__(self) -> dict[str, Handler]:
         """The generated routes, with List answered by bytes encoded from the records (replies.py)."""
         mapping = super().__mapping__()
-        replies.list_route(mapping, LIST_PATH, self.db, store.list_images, replies.image)
+        replies.list_route(mapping, LIST_PATH, lambda: self.db, store.list_images, replies.image)
         return mapping
 
     async def list(self, message: pb.ListImagesRequest) -> pb.ListImagesResponse:

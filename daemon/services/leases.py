@@ -51,7 +51,7 @@ class LeasesService(pb.LeasesBase):
     def __mapping__(self) -> dict[str, Handler]:
         """The generated routes, with List answered by bytes encoded from the records (replies.py)."""
         mapping = super().__mapping__()
-        replies.list_route(mapping, LIST_PATH, self.db, store.list_leases, replies.lease)
+        replies.list_route(mapping, LIST_PATH, lambda: self.db, store.list_leases, replies.lease)
         return mapping
 
     async def list(self, message: pb.ListRequest) -> pb.ListResponse:

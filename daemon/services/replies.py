@@ -102,18 +102,19 @@ def repeated(encoded: Iterable[bytes]) -> Encoded:
 def list_route(
     mapping: dict[str, Handler],
     path: str,
-    db: DB,
+    db: Callable[[], DB],
     lister: Callable[[sqlite3.Connection, str, Sequence[str]], list[T]],
     encode: Callable[[T], bytes],
 ) -> None:
     """Replaces the generated List route at ``path``: the namespace's records as ``lister`` reads
-    them (with the request's filters), answered as repeated field 1 encoded by ``encode``."""
+    them (with the request's filters) from ``db()``, answered as repeated field 1 encoded by
+    ``encode``. ``db`` is looked up per call: building the routes needs no service state."""
 
     async def handle(stream: Any) -> None:
         req = await stream.recv_message()
         assert req is not None  # as the generated handler asserts
         ns = namespaces.required()
-        found = await db.view(lambda c: lister(c, ns, req.filters))
+        found = await db().view(lambda c: lister(c, ns, req.filters))
         await stream.send_message(repeated(map(encode, found)))
 
     mapping[path] = mapping[path]._replace(func=handle, reply_type=Encoded)
