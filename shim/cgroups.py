@@ -279,15 +279,7 @@ class OomWatcher:
 
     def _watch_v1(self, container_id: str, memory: str) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        ofd = os.open(f"{memory}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            with open(f"{memory}/cgroup.event_control", "w") as f:
-                f.write(f"{efd} {ofd}")
-        except OSError:
-            os.close(efd)
-            os.close(ofd)
-            raise
+        efd, ofd = _oom_eventfd(memory)
 
         def stop() -> None:
             loop.remove_reader(efd)
@@ -313,16 +305,8 @@ class OomWatcher:
 
     def _watch_v2(self, container_id: str, memory: str) -> Callable[[], None]:
         loop = asyncio.get_running_loop()
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if fd < 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
         events_file = f"{memory}/memory.events"
-        if libc.inotify_add_watch(fd, events_file.encode(), _IN_MODIFY) < 0:
-            err = ctypes.get_errno()
-            os.close(fd)
-            raise OSError(err, os.strerror(err))
+        fd = _oom_inotify(events_file)
         last = _flat_keyed(events_file).get("oom_kill", 0)
 
         def stop() -> None:
@@ -369,26 +353,38 @@ def open_oom_fds(cgroup: Cgroup) -> tuple[dict[str, object], list[int]] | None:
     if not memory or not os.path.isdir(memory):
         return None
     if not cgroup.v2:
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        ofd = -1
-        try:
-            ofd = os.open(f"{memory}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
-            with open(f"{memory}/cgroup.event_control", "w") as f:
-                f.write(f"{efd} {ofd}")
-        except OSError:
-            os.close(efd)
-            if ofd >= 0:
-                os.close(ofd)
-            raise
-        return {"v2": False, "path": f"{memory}/memory.oom_control"}, [efd, ofd]
+        return {"v2": False, "path": f"{memory}/memory.oom_control"}, list(_oom_eventfd(memory))
+    events_file = f"{memory}/memory.events"
+    fd = _oom_inotify(events_file)
+    return {"v2": True, "path": events_file, "last": _flat_keyed(events_file).get("oom_kill", 0)}, [fd]
+
+
+def _oom_eventfd(memory: str) -> tuple[int, int]:
+    """cgroup v1: an eventfd registered for OOM notices on ``memory.oom_control``, and that file's
+    fd, which must stay open with it: ``(eventfd, oom_control fd)``."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    ofd = -1
+    try:
+        ofd = os.open(f"{memory}/memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
+        with open(f"{memory}/cgroup.event_control", "w") as f:
+            f.write(f"{efd} {ofd}")
+    except OSError:
+        os.close(efd)
+        if ofd >= 0:
+            os.close(ofd)
+        raise
+    return efd, ofd
+
+
+def _oom_inotify(events_file: str) -> int:
+    """cgroup v2: a non-blocking inotify fd watching ``memory.events`` for changes."""
     libc = ctypes.CDLL(None, use_errno=True)
     fd = libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    events_file = f"{memory}/memory.events"
     if libc.inotify_add_watch(fd, events_file.encode(), _IN_MODIFY) < 0:
         err = ctypes.get_errno()
         os.close(fd)
         raise OSError(err, os.strerror(err))
-    return {"v2": True, "path": events_file, "last": _flat_keyed(events_file).get("oom_kill", 0)}, [fd]
+    return fd
