@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyctr.shim.process.state import EXEC, INIT, Op, State, Table, transition
+from pyctr.shim.process.state import EXEC, INIT, State, Table, Transitions
 
 
 @dataclass(slots=True)
@@ -34,7 +34,7 @@ def exit_status(wait_status: int) -> int:
 
 
 @dataclass(eq=False, slots=True)
-class Proc:
+class Proc(Transitions):
     """One init or exec process. ``io`` is the keeper's copy state (opaque here)."""
 
     id: str  # the container id for an init, the exec id otherwise
@@ -60,23 +60,6 @@ class Proc:
     @property
     def table(self) -> Table:
         return INIT if self.init else EXEC
-
-    def check(self, op: Op) -> State:
-        return transition(self.table, self.state, op)
-
-    def commit(self, before: State, after: State) -> None:
-        """Enters ``after`` unless the state moved on meanwhile (an exit came while a worker ran)."""
-        if self.state is before:
-            self.state = after
-
-    def mark_exited(self, status: int, timestamp: float) -> bool:
-        """Records the exit once; returns False for a duplicate."""
-        if self.exited_at is not None:
-            return False
-        self.exit_status = status
-        self.exited_at = timestamp
-        self.state = self.check(Op.EXIT)
-        return True
 
     @property
     def settled(self) -> bool:

@@ -162,7 +162,38 @@ class Monitor(Protocol):
     def register(self, pid: int, process: Lifecycle, subscription: Subscription | None) -> None: ...
 
 
-class Lifecycle:
+class Transitions:
+    """The state moves every process record makes, whoever keeps it: the asyncio shim's
+    :class:`Lifecycle` and the keeper's ``table.Proc``. The record provides the attributes."""
+
+    state: State
+    exit_status: int
+    exited_at: float | None
+
+    @property
+    def table(self) -> Table:
+        raise NotImplementedError
+
+    def check(self, op: Op) -> State:
+        return transition(self.table, self.state, op)
+
+    def commit(self, before: State, after: State) -> None:
+        """Enters ``after`` unless the state moved on meanwhile (an exit came while the operation
+        awaited, or while a worker ran)."""
+        if self.state is before:
+            self.state = after
+
+    def mark_exited(self, status: int, timestamp: float) -> bool:
+        """Records the exit once; returns False for a duplicate."""
+        if self.exited_at is not None:
+            return False
+        self.exit_status = status
+        self.exited_at = timestamp
+        self.state = self.check(Op.EXIT)
+        return True
+
+
+class Lifecycle(Transitions):
     """State, exit status and waiters shared by init and exec processes."""
 
     table: Table = INIT
@@ -176,23 +207,6 @@ class Lifecycle:
         # One operation at a time per process (the Go shim's per-process mutex); exits bypass it.
         self.lock = asyncio.Lock()
         self._done = asyncio.Event()
-
-    def check(self, op: Op) -> State:
-        return transition(self.table, self.state, op)
-
-    def commit(self, before: State, after: State) -> None:
-        """Enters ``after`` unless the state moved on while the operation awaited (an exit)."""
-        if self.state is before:
-            self.state = after
-
-    def mark_exited(self, status: int, timestamp: float) -> bool:
-        """Records the exit once; returns False for a duplicate."""
-        if self.exited_at is not None:
-            return False
-        self.exit_status = status
-        self.exited_at = timestamp
-        self.state = self.check(Op.EXIT)
-        return True
 
     def release(self) -> None:
         """Lets Wait answer: called after the output is flushed and the exit event is queued."""
