@@ -27,53 +27,43 @@ dynamic table before, so both agree on it).
 from __future__ import annotations
 
 import socket
-import struct
 import time
 from collections import deque
 
 from pyctr.api import errdefs
+from pyctr.api.h2wire import (
+    ACK,
+    CONTINUATION,
+    DATA,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    GOAWAY,
+    GRPC_PREFIX,
+    HEADER,
+    HEADERS,
+    MAX_WINDOW,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    RST_STREAM,
+    SETTING,
+    SETTINGS,
+    SETTINGS_ENABLE_PUSH,
+    SETTINGS_INITIAL_WINDOW_SIZE,
+    SETTINGS_MAX_FRAME_SIZE,
+    U32,
+    WINDOW_UPDATE,
+    frame,
+    literal,
+)
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 0, 1, 3, 4, 6, 7, 8, 9
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY = 0x4, 0x8, 0x20
-SETTINGS_ENABLE_PUSH, SETTINGS_INITIAL_WINDOW_SIZE, SETTINGS_MAX_FRAME_SIZE = 0x2, 0x4, 0x5
-MAX_WINDOW = (1 << 31) - 1
-DEFAULT_WINDOW = 65535
 MAX_MESSAGE = 16 << 20  # the daemon's limit too
-
-_HEADER = struct.Struct(">HBBBL")  # length split 16+8 bits, type, flags, stream id
-_U32 = struct.Struct(">L")
-_SETTING = struct.Struct(">HL")
-_GRPC_PREFIX = struct.Struct(">BL")
 
 # The static-table entries pyctrd's replies use (RFC 7541 appendix A); anything else goes to hpack.
 _STATIC = {8: (":status", "200"), 13: (":status", "404"), 14: (":status", "500")}
 _STATIC_NAMES = {31: "content-type", 58: "user-agent"}
-
-
-def _frame(ftype: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    n = len(payload)
-    return _HEADER.pack(n >> 8, n & 0xFF, ftype, flags, stream_id) + payload
-
-
-def _hpack_int(value: int, prefix_bits: int, first: int = 0) -> bytes:
-    limit = (1 << prefix_bits) - 1
-    if value < limit:
-        return bytes([first | value])
-    out = bytearray([first | limit])
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _literal(name: str, value: str) -> bytes:
-    """A literal header field without indexing, new name, no Huffman (RFC 7541 §6.2.2)."""
-    n, v = name.encode(), value.encode()
-    return b"\x00" + _hpack_int(len(n), 7) + n + _hpack_int(len(v), 7) + v
 
 
 class _NeedsFullDecoder(Exception):
@@ -148,7 +138,7 @@ class Call:
         self._headers_seen = False
 
     def send(self, message: bytes, end: bool = False) -> None:
-        self.channel.send_data(self, _GRPC_PREFIX.pack(0, len(message)) + message, end)
+        self.channel.send_data(self, GRPC_PREFIX.pack(0, len(message)) + message, end)
 
     def end(self) -> None:
         """End our half of the call (no more messages from us)."""
@@ -172,7 +162,7 @@ class Call:
     def _data(self, payload: bytes) -> None:
         self._buf += payload
         while len(self._buf) >= 5:
-            compressed, n = _GRPC_PREFIX.unpack_from(self._buf)
+            compressed, n = GRPC_PREFIX.unpack_from(self._buf)
             if compressed:
                 raise errdefs.NotImplementedErr("compressed gRPC messages are not supported")
             if n > MAX_MESSAGE:
@@ -237,13 +227,13 @@ class Channel:
             raise
         self.sock = sock
         settings = b"".join(
-            _SETTING.pack(k, v)
+            SETTING.pack(k, v)
             for k, v in ((SETTINGS_ENABLE_PUSH, 0), (SETTINGS_INITIAL_WINDOW_SIZE, MAX_WINDOW))
         )
         sock.sendall(
             PREFACE
-            + _frame(SETTINGS, 0, 0, settings)
-            + _frame(WINDOW_UPDATE, 0, 0, _U32.pack(MAX_WINDOW - DEFAULT_WINDOW))
+            + frame(SETTINGS, 0, 0, settings)
+            + frame(WINDOW_UPDATE, 0, 0, U32.pack(MAX_WINDOW - DEFAULT_WINDOW))
         )
 
     def close(self) -> None:
@@ -281,12 +271,12 @@ class Channel:
         if timeout:
             fields.append(("grpc-timeout", f"{max(1, int(timeout * 1000))}m"))
         fields.extend(metadata.items())
-        block = b"".join(_literal(k, v) for k, v in fields)
+        block = b"".join(literal(k, v) for k, v in fields)
         if len(block) > self.max_frame:
             raise errdefs.InvalidArgument("request headers larger than one frame")
         call = Call(self, stream_id)
         self.calls[stream_id] = call
-        self.sock.sendall(_frame(HEADERS, END_HEADERS, stream_id, block))
+        self.sock.sendall(frame(HEADERS, END_HEADERS, stream_id, block))
         return call
 
     def unary(self, method: str, request: bytes, metadata: dict[str, str]) -> Call:
@@ -306,7 +296,7 @@ class Channel:
                 self.pump()  # wait for the server to open its window
                 continue
             last = n == len(view)
-            self.sock.sendall(_frame(DATA, END_STREAM if (end and last) else 0, call.id, bytes(view[:n])))
+            self.sock.sendall(frame(DATA, END_STREAM if (end and last) else 0, call.id, bytes(view[:n])))
             self.window -= n
             call.window -= n
             view = view[n:]
@@ -339,7 +329,7 @@ class Channel:
         self._inbuf += chunk
         out = bytearray()
         while len(self._inbuf) >= 9:
-            hi, lo, ftype, flags, stream_id = _HEADER.unpack_from(self._inbuf)
+            hi, lo, ftype, flags, stream_id = HEADER.unpack_from(self._inbuf)
             length = hi << 8 | lo
             if len(self._inbuf) < 9 + length:
                 break
@@ -363,7 +353,7 @@ class Channel:
             self._unacked += 9 + len(payload)  # padding counts; a little extra credit is harmless
             reply = b""
             if self._unacked > MAX_WINDOW // 2:
-                reply = _frame(WINDOW_UPDATE, 0, 0, _U32.pack(self._unacked))
+                reply = frame(WINDOW_UPDATE, 0, 0, U32.pack(self._unacked))
                 self._unacked = 0
             if call is not None:
                 call._data(payload)
@@ -376,7 +366,7 @@ class Channel:
             if ftype == HEADERS:
                 if flags & PADDED:
                     payload = payload[1 : len(payload) - payload[0]]
-                if flags & PRIORITY:
+                if flags & PRIORITY_FLAG:
                     payload = payload[5:]
                 call._block = bytearray(payload)
                 call._block_end = bool(flags & END_STREAM)
@@ -389,33 +379,33 @@ class Channel:
             if flags & ACK:
                 return b""
             for i in range(0, len(payload) - 5, 6):
-                key, value = _SETTING.unpack_from(payload, i)
+                key, value = SETTING.unpack_from(payload, i)
                 if key == SETTINGS_INITIAL_WINDOW_SIZE:
                     for c in self.calls.values():
                         c.window += value - self.initial_window
                     self.initial_window = value
                 elif key == SETTINGS_MAX_FRAME_SIZE:
                     self.max_frame = value
-            return _frame(SETTINGS, ACK, 0)
+            return frame(SETTINGS, ACK, 0)
         if ftype == WINDOW_UPDATE:
-            increment = _U32.unpack_from(payload)[0] & MAX_WINDOW
+            increment = U32.unpack_from(payload)[0] & MAX_WINDOW
             if stream_id == 0:
                 self.window += increment
             elif call is not None:
                 call.window += increment
             return b""
         if ftype == PING:
-            return b"" if flags & ACK else _frame(PING, ACK, 0, payload)
+            return b"" if flags & ACK else frame(PING, ACK, 0, payload)
         if ftype == RST_STREAM:
             if call is not None:
-                code = _U32.unpack_from(payload)[0]
+                code = U32.unpack_from(payload)[0]
                 call._finish(
                     int(errdefs.Code.CANCELLED) if code == 8 else None, f"stream reset (code {code})"
                 )
             return b""
         if ftype == GOAWAY:
             self._goaway = True
-            last = _U32.unpack_from(payload)[0] & MAX_WINDOW
+            last = U32.unpack_from(payload)[0] & MAX_WINDOW
             for sid, c in self.calls.items():
                 if sid > last:
                     c._finish(None, f"connection to {self.path} is closing")

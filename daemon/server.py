@@ -24,7 +24,8 @@ per stream, one write per frame) set the figure. What it does, once for every se
 * shutdown: stop accepting, let in-flight calls finish (bounded), then close.
 
 Requests that are not gRPC get grpclib's answers (405, 415, 400), so clients see what they saw.
-The frame layout and header encoding live in ``daemon/http2.py``.
+The frame layout and the header fields we send live in ``api/h2wire.py`` (shared with pyctr's client),
+the header blocks and their decoding in ``daemon/http2.py``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from pyctr.api import errdefs, filters, namespaces, pbencode
+from pyctr.api import errdefs, filters, h2wire, namespaces, pbencode
 from pyctr.daemon import http2
 from pyctr.daemon.http2 import H2Error
 
@@ -56,15 +57,15 @@ MAX_CONCURRENT_STREAMS = 100
 MAX_HEADER_LIST_SIZE = 64 << 10
 CONTENT_TYPE = "application/grpc+proto"
 
-_INITIAL_SETTINGS = http2.settings_frame(
+_INITIAL_SETTINGS = h2wire.settings_frame(
     {
-        http2.SETTINGS_ENABLE_PUSH: 0,
-        http2.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-        http2.SETTINGS_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-        http2.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
+        h2wire.SETTINGS_ENABLE_PUSH: 0,
+        h2wire.SETTINGS_MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
+        h2wire.SETTINGS_INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        h2wire.SETTINGS_MAX_HEADER_LIST_SIZE: MAX_HEADER_LIST_SIZE,
     }
-) + http2.window_update(0, CONNECTION_WINDOW - http2.DEFAULT_WINDOW)
-_SETTINGS_ACK = http2.frame(http2.SETTINGS, http2.ACK, 0)
+) + h2wire.window_update(0, CONNECTION_WINDOW - h2wire.DEFAULT_WINDOW)
+_SETTINGS_ACK = h2wire.frame(h2wire.SETTINGS, h2wire.ACK, 0)
 _REPLY_HEADERS = http2.STATUS_200 + http2.content_type(CONTENT_TYPE)
 _OK_TRAILERS = http2.status_fields(0, None)
 
@@ -374,7 +375,7 @@ class ServerStream:
         if not self.headers_sent:
             self.headers_sent = True
             conn.write_headers(self, _REPLY_HEADERS, False)
-        await conn.send_data(self, http2.GRPC_PREFIX.pack(0, len(data)), data)
+        await conn.send_data(self, h2wire.GRPC_PREFIX.pack(0, len(data)), data)
         self.sent += 1
 
     # -- the connection's side
@@ -453,9 +454,9 @@ class _Connection(asyncio.Protocol):
         self.receiving = False
         self.writable = True
         self.write_waiters: list[asyncio.Future[None]] = []
-        self.send_window = http2.DEFAULT_WINDOW
-        self.peer_initial_window = http2.DEFAULT_WINDOW
-        self.peer_max_frame = http2.DEFAULT_MAX_FRAME
+        self.send_window = h2wire.DEFAULT_WINDOW
+        self.peer_initial_window = h2wire.DEFAULT_WINDOW
+        self.peer_max_frame = h2wire.DEFAULT_MAX_FRAME
         self.blocked: set[ServerStream] = set()
         self.recv_window = CONNECTION_WINDOW
         self.recv_unacked = 0
@@ -479,7 +480,7 @@ class _Connection(asyncio.Protocol):
             self.fail(exc.code, str(exc))
         except Exception as exc:  # a bug here must cost this connection, never the daemon
             log.warning("http2 connection failed", error=str(exc), exc_info=exc)
-            self.fail(http2.INTERNAL_ERROR, "internal error")
+            self.fail(h2wire.INTERNAL_ERROR, "internal error")
         finally:
             self.receiving = False
             if self.out and not self.flush_scheduled:
@@ -515,15 +516,15 @@ class _Connection(asyncio.Protocol):
         if not self.preface:
             data = self.inbuf + data
             self.inbuf = b""
-            if len(data) < len(http2.PREFACE):
-                if not http2.PREFACE.startswith(data):
-                    raise H2Error(http2.PROTOCOL_ERROR, "invalid connection preface")
+            if len(data) < len(h2wire.PREFACE):
+                if not h2wire.PREFACE.startswith(data):
+                    raise H2Error(h2wire.PROTOCOL_ERROR, "invalid connection preface")
                 self.inbuf = data
                 return
-            if not data.startswith(http2.PREFACE):
-                raise H2Error(http2.PROTOCOL_ERROR, "invalid connection preface")
+            if not data.startswith(h2wire.PREFACE):
+                raise H2Error(h2wire.PROTOCOL_ERROR, "invalid connection preface")
             self.preface = True
-            pos = len(http2.PREFACE)
+            pos = len(h2wire.PREFACE)
         elif self.inbuf:
             # Complete the frame the last read cut, without copying the rest of this one.
             head = self.inbuf
@@ -534,8 +535,8 @@ class _Connection(asyncio.Protocol):
                     self.inbuf = head
                     return
             length = (head[0] << 16) | (head[1] << 8) | head[2]
-            if length > http2.DEFAULT_MAX_FRAME:
-                raise H2Error(http2.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            if length > h2wire.DEFAULT_MAX_FRAME:
+                raise H2Error(h2wire.FRAME_SIZE_ERROR, f"frame of {length} bytes")
             need = 9 + length - len(head)
             if len(data) - pos < need:
                 self.inbuf = head + data[pos:]
@@ -550,49 +551,49 @@ class _Connection(asyncio.Protocol):
         """Handle the whole frames in ``data`` from ``pos``, keep the rest; False once closed."""
         n = len(data)
         view = memoryview(data)
-        unpack = http2.HEADER.unpack_from
+        unpack = h2wire.HEADER.unpack_from
         while n - pos >= 9:
             hi, lo, ftype, flags, sid = unpack(data, pos)
             length = (hi << 8) | lo
-            if length > http2.DEFAULT_MAX_FRAME:
-                raise H2Error(http2.FRAME_SIZE_ERROR, f"frame of {length} bytes")
+            if length > h2wire.DEFAULT_MAX_FRAME:
+                raise H2Error(h2wire.FRAME_SIZE_ERROR, f"frame of {length} bytes")
             end = pos + 9 + length
             if end > n:
                 break
             sid &= 0x7FFFFFFF
-            if self.continued is not None and ftype != http2.CONTINUATION:
-                raise H2Error(http2.PROTOCOL_ERROR, "expected CONTINUATION")
-            if ftype == http2.DATA:
+            if self.continued is not None and ftype != h2wire.CONTINUATION:
+                raise H2Error(h2wire.PROTOCOL_ERROR, "expected CONTINUATION")
+            if ftype == h2wire.DATA:
                 # A view: message bodies are copied once, when a message is complete.
                 self._on_data(flags, sid, view[pos + 9 : end])
                 pos = end
                 continue
             payload = data[pos + 9 : end]
             pos = end
-            if ftype == http2.HEADERS:
+            if ftype == h2wire.HEADERS:
                 self._on_headers(flags, sid, payload)
-            elif ftype == http2.WINDOW_UPDATE:
+            elif ftype == h2wire.WINDOW_UPDATE:
                 self._on_window_update(sid, payload)
-            elif ftype == http2.SETTINGS:
+            elif ftype == h2wire.SETTINGS:
                 self._on_settings(flags, sid, payload)
-            elif ftype == http2.PING:
+            elif ftype == h2wire.PING:
                 if sid or length != 8:
-                    raise H2Error(http2.PROTOCOL_ERROR, "bad PING")
-                if not flags & http2.ACK:
-                    self.write(http2.frame(http2.PING, http2.ACK, 0, payload))
-            elif ftype == http2.RST_STREAM:
+                    raise H2Error(h2wire.PROTOCOL_ERROR, "bad PING")
+                if not flags & h2wire.ACK:
+                    self.write(h2wire.frame(h2wire.PING, h2wire.ACK, 0, payload))
+            elif ftype == h2wire.RST_STREAM:
                 self._on_rst_stream(sid, payload)
-            elif ftype == http2.CONTINUATION:
+            elif ftype == h2wire.CONTINUATION:
                 self._on_continuation(flags, sid, payload)
-            elif ftype == http2.GOAWAY:
+            elif ftype == h2wire.GOAWAY:
                 # As grpclib: the client is leaving, and takes its calls with it.
                 self.close()
                 return False
-            elif ftype == http2.PRIORITY:
+            elif ftype == h2wire.PRIORITY:
                 if length != 5 or not sid:
-                    raise H2Error(http2.PROTOCOL_ERROR, "bad PRIORITY")
-            elif ftype == http2.PUSH_PROMISE:
-                raise H2Error(http2.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
+                    raise H2Error(h2wire.PROTOCOL_ERROR, "bad PRIORITY")
+            elif ftype == h2wire.PUSH_PROMISE:
+                raise H2Error(h2wire.PROTOCOL_ERROR, "PUSH_PROMISE from a client")
             # Unknown frame types are ignored (RFC 9113 §4.1).
         if pos < n:
             self.inbuf = data[pos:]
@@ -600,26 +601,26 @@ class _Connection(asyncio.Protocol):
 
     def _on_data(self, flags: int, sid: int, payload: memoryview) -> None:
         if not sid:
-            raise H2Error(http2.PROTOCOL_ERROR, "DATA on stream 0")
+            raise H2Error(h2wire.PROTOCOL_ERROR, "DATA on stream 0")
         size = len(payload)
         self.recv_window -= size
         if self.recv_window < 0:
-            raise H2Error(http2.FLOW_CONTROL_ERROR, "connection window exceeded")
-        if flags & http2.PADDED:
+            raise H2Error(h2wire.FLOW_CONTROL_ERROR, "connection window exceeded")
+        if flags & h2wire.PADDED:
             if not payload or payload[0] >= size:
-                raise H2Error(http2.PROTOCOL_ERROR, "bad padding")
+                raise H2Error(h2wire.PROTOCOL_ERROR, "bad padding")
             payload = payload[1 : size - payload[0]]
         st = self.streams.get(sid)
         if st is None or st.remote_closed:
             if sid > self.last_stream_id:
-                raise H2Error(http2.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
+                raise H2Error(h2wire.PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             # A stream we finished or reset: the data is dropped, its credit returned.
             self.credit(None, size)
             return
         st.recv_window -= size
         if st.recv_window < 0:
             self.credit(None, size)
-            self._reset(st, http2.FLOW_CONTROL_ERROR)
+            self._reset(st, h2wire.FLOW_CONTROL_ERROR)
             return
         if st.local_closed:
             self.credit(st, size)  # the call is over on our side: nobody will read this
@@ -632,35 +633,35 @@ class _Connection(asyncio.Protocol):
                 st.held += size
             else:
                 self.credit(st, size)
-        if flags & http2.END_STREAM:
+        if flags & h2wire.END_STREAM:
             self._remote_end(st)
 
     def _on_headers(self, flags: int, sid: int, payload: bytes) -> None:
         if not sid:
-            raise H2Error(http2.PROTOCOL_ERROR, "HEADERS on stream 0")
+            raise H2Error(h2wire.PROTOCOL_ERROR, "HEADERS on stream 0")
         start, end = 0, len(payload)
-        if flags & http2.PADDED:
+        if flags & h2wire.PADDED:
             if not payload:
-                raise H2Error(http2.PROTOCOL_ERROR, "bad padding")
+                raise H2Error(h2wire.PROTOCOL_ERROR, "bad padding")
             start, end = 1, end - payload[0]
-        if flags & http2.PRIORITY_FLAG:
+        if flags & h2wire.PRIORITY_FLAG:
             start += 5
         if start > end:
-            raise H2Error(http2.PROTOCOL_ERROR, "bad HEADERS padding or priority")
+            raise H2Error(h2wire.PROTOCOL_ERROR, "bad HEADERS padding or priority")
         block = payload[start:end]
-        if flags & http2.END_HEADERS:
+        if flags & h2wire.END_HEADERS:
             self._on_header_block(sid, flags, block)
         else:
             self.continued = (sid, flags, [block])
 
     def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
         if self.continued is None or self.continued[0] != sid:
-            raise H2Error(http2.PROTOCOL_ERROR, "unexpected CONTINUATION")
+            raise H2Error(h2wire.PROTOCOL_ERROR, "unexpected CONTINUATION")
         parts = self.continued[2]
         parts.append(payload)
         if sum(map(len, parts)) > 2 * MAX_HEADER_LIST_SIZE:
-            raise H2Error(http2.PROTOCOL_ERROR, "header block too large")
-        if flags & http2.END_HEADERS:
+            raise H2Error(h2wire.PROTOCOL_ERROR, "header block too large")
+        if flags & h2wire.END_HEADERS:
             _, first_flags, _ = self.continued
             self.continued = None
             self._on_header_block(sid, first_flags, b"".join(parts))
@@ -671,22 +672,22 @@ class _Connection(asyncio.Protocol):
         st = self.streams.get(sid)
         if st is not None:
             # Trailers from the client: they may only end its side.
-            if not flags & http2.END_STREAM:
-                raise H2Error(http2.PROTOCOL_ERROR, "HEADERS without END_STREAM on an open stream")
+            if not flags & h2wire.END_STREAM:
+                raise H2Error(h2wire.PROTOCOL_ERROR, "HEADERS without END_STREAM on an open stream")
             self._remote_end(st)
             return
         if sid % 2 == 0 or sid <= self.last_stream_id:
             if sid % 2 == 0:
-                raise H2Error(http2.PROTOCOL_ERROR, f"stream {sid} is not a client stream")
-            self.write(http2.rst_stream(sid, http2.STREAM_CLOSED))
+                raise H2Error(h2wire.PROTOCOL_ERROR, f"stream {sid} is not a client stream")
+            self.write(h2wire.rst_stream(sid, h2wire.STREAM_CLOSED))
             return
         self.last_stream_id = sid
         if len(self.streams) >= MAX_CONCURRENT_STREAMS:
-            self.write(http2.rst_stream(sid, http2.REFUSED_STREAM))
+            self.write(h2wire.rst_stream(sid, h2wire.REFUSED_STREAM))
             return
         st = ServerStream(self, sid, call)
         self.streams[sid] = st
-        if flags & http2.END_STREAM:
+        if flags & h2wire.END_STREAM:
             st.remote_closed = True
         if call.abort is not None:
             self._refuse(st, *call.abort)
@@ -695,14 +696,14 @@ class _Connection(asyncio.Protocol):
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise H2Error(http2.FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
-        increment = http2.u32(payload) & 0x7FFFFFFF
+            raise H2Error(h2wire.FRAME_SIZE_ERROR, "bad WINDOW_UPDATE")
+        increment = h2wire.u32(payload) & 0x7FFFFFFF
         if sid == 0:
             if not increment:
-                raise H2Error(http2.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
+                raise H2Error(h2wire.PROTOCOL_ERROR, "WINDOW_UPDATE of 0")
             self.send_window += increment
-            if self.send_window > http2.MAX_WINDOW:
-                raise H2Error(http2.FLOW_CONTROL_ERROR, "connection window overflow")
+            if self.send_window > h2wire.MAX_WINDOW:
+                raise H2Error(h2wire.FLOW_CONTROL_ERROR, "connection window overflow")
             blocked, self.blocked = self.blocked, set()
             for waiting in blocked:
                 waiting.wake_sender()
@@ -711,44 +712,44 @@ class _Connection(asyncio.Protocol):
         if st is None:
             return  # a stream already gone
         if not increment:
-            self._reset(st, http2.PROTOCOL_ERROR)
+            self._reset(st, h2wire.PROTOCOL_ERROR)
             return
         st.send_window += increment
-        if st.send_window > http2.MAX_WINDOW:
-            self._reset(st, http2.FLOW_CONTROL_ERROR)
+        if st.send_window > h2wire.MAX_WINDOW:
+            self._reset(st, h2wire.FLOW_CONTROL_ERROR)
             return
         st.wake_sender()
 
     def _on_settings(self, flags: int, sid: int, payload: bytes) -> None:
         if sid:
-            raise H2Error(http2.PROTOCOL_ERROR, "SETTINGS on a stream")
-        if flags & http2.ACK:
+            raise H2Error(h2wire.PROTOCOL_ERROR, "SETTINGS on a stream")
+        if flags & h2wire.ACK:
             if payload:
-                raise H2Error(http2.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
+                raise H2Error(h2wire.FRAME_SIZE_ERROR, "SETTINGS ACK with a payload")
             return
         for key, value in http2.parse_settings(payload):
-            if key == http2.SETTINGS_INITIAL_WINDOW_SIZE:
-                if value > http2.MAX_WINDOW:
-                    raise H2Error(http2.FLOW_CONTROL_ERROR, "initial window too large")
+            if key == h2wire.SETTINGS_INITIAL_WINDOW_SIZE:
+                if value > h2wire.MAX_WINDOW:
+                    raise H2Error(h2wire.FLOW_CONTROL_ERROR, "initial window too large")
                 delta = value - self.peer_initial_window
                 self.peer_initial_window = value
                 for st in self.streams.values():
                     st.send_window += delta
                     st.wake_sender()
-            elif key == http2.SETTINGS_MAX_FRAME_SIZE:
-                if not http2.DEFAULT_MAX_FRAME <= value <= (1 << 24) - 1:
-                    raise H2Error(http2.PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
+            elif key == h2wire.SETTINGS_MAX_FRAME_SIZE:
+                if not h2wire.DEFAULT_MAX_FRAME <= value <= (1 << 24) - 1:
+                    raise H2Error(h2wire.PROTOCOL_ERROR, "bad SETTINGS_MAX_FRAME_SIZE")
                 self.peer_max_frame = value
-            elif key == http2.SETTINGS_ENABLE_PUSH and value > 1:
-                raise H2Error(http2.PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
+            elif key == h2wire.SETTINGS_ENABLE_PUSH and value > 1:
+                raise H2Error(h2wire.PROTOCOL_ERROR, "bad SETTINGS_ENABLE_PUSH")
             # Our header blocks never use the dynamic table, so HEADER_TABLE_SIZE needs nothing.
         self.write(_SETTINGS_ACK)
 
     def _on_rst_stream(self, sid: int, payload: bytes) -> None:
         if len(payload) != 4:
-            raise H2Error(http2.FRAME_SIZE_ERROR, "bad RST_STREAM")
+            raise H2Error(h2wire.FRAME_SIZE_ERROR, "bad RST_STREAM")
         if not sid:
-            raise H2Error(http2.PROTOCOL_ERROR, "RST_STREAM on stream 0")
+            raise H2Error(h2wire.PROTOCOL_ERROR, "RST_STREAM on stream 0")
         st = self.streams.get(sid)
         if st is not None:
             self._forget(st)
@@ -772,13 +773,13 @@ class _Connection(asyncio.Protocol):
         self.recv_unacked += size
         if self.recv_unacked >= CONNECTION_WINDOW // 4:
             self.recv_window += self.recv_unacked
-            self.write(http2.window_update(0, self.recv_unacked))
+            self.write(h2wire.window_update(0, self.recv_unacked))
             self.recv_unacked = 0
         if st is not None and not st.remote_closed:
             st.recv_unacked += size
             if st.recv_unacked >= STREAM_WINDOW // 4:
                 st.recv_window += st.recv_unacked
-                self.write(http2.window_update(st.id, st.recv_unacked))
+                self.write(h2wire.window_update(st.id, st.recv_unacked))
                 st.recv_unacked = 0
 
     # -- output
@@ -810,7 +811,7 @@ class _Connection(asyncio.Protocol):
             # The common case: one frame, no waiting.
             st.send_window -= total
             self.send_window -= total
-            self.write(http2.frame_header(http2.DATA, 0, st.id, total) + prefix + data)
+            self.write(h2wire.frame_header(h2wire.DATA, 0, st.id, total) + prefix + data)
             if not self.writable:
                 await self._drained(st)
             return
@@ -826,7 +827,7 @@ class _Connection(asyncio.Protocol):
             end = pos + allowed
             while pos < end:
                 size = min(self.peer_max_frame, end - pos)
-                self.write(http2.frame_header(http2.DATA, 0, st.id, size))
+                self.write(h2wire.frame_header(h2wire.DATA, 0, st.id, size))
                 self.write(payload[pos : pos + size])
                 pos += size
             st.send_window -= allowed
@@ -870,13 +871,13 @@ class _Connection(asyncio.Protocol):
         self, st: ServerStream, h2_status: int, grpc_status: int | None, message: str | None, ct: bool
     ) -> None:
         """grpclib's answers to a request it will not run: headers only, then the stream ends."""
-        block = b"\x88" if h2_status == 200 else http2.literal(":status", str(h2_status))
+        block = b"\x88" if h2_status == 200 else h2wire.literal(":status", str(h2_status))
         if ct:
             block += http2.content_type(CONTENT_TYPE)
         if grpc_status is not None:
-            block += http2.literal("grpc-status", str(grpc_status))
+            block += h2wire.literal("grpc-status", str(grpc_status))
         if message is not None:
-            block += http2.literal("grpc-message", message if not ct else http2.grpc_message(message))
+            block += h2wire.literal("grpc-message", message if not ct else http2.grpc_message(message))
         self.write_headers(st, block, True)
         self._close_local(st, True)
 
@@ -886,12 +887,12 @@ class _Connection(asyncio.Protocol):
             self._forget(st)
         elif reset_if_open:
             # The client is still sending to a call that has failed (grpclib does the same).
-            self.write(http2.rst_stream(st.id, http2.NO_ERROR))
+            self.write(h2wire.rst_stream(st.id, h2wire.NO_ERROR))
             self._forget(st)
             st.reset = True
 
     def _reset(self, st: ServerStream, code: int) -> None:
-        self.write(http2.rst_stream(st.id, code))
+        self.write(h2wire.rst_stream(st.id, code))
         self._forget(st)
         self._terminate(st)
 
@@ -912,7 +913,7 @@ class _Connection(asyncio.Protocol):
     def fail(self, code: int, message: str) -> None:
         """A connection error: GOAWAY, then close."""
         if self.transport is not None:
-            self.write(http2.goaway(self.last_stream_id, code, message.encode()[:256]))
+            self.write(h2wire.goaway(self.last_stream_id, code, message.encode()[:256]))
             self.flush()
         self.close()
 

@@ -16,7 +16,8 @@ from pyctr.api._pb.containerd.services.transfer.v1 import TransferOptions, Trans
 from pyctr.api._pb.containerd.types import Platform as PbPlatform
 from pyctr.api._pb.containerd.types import transfer as tt
 from pyctr.api._pb.google.protobuf import Any as PbAny
-from pyctr.api.grpclite import Call, Channel, _decode_simple, _literal
+from pyctr.api.grpclite import Call, Channel, _decode_simple
+from pyctr.api.h2wire import literal
 from pyctr.ctr import transfer
 
 
@@ -114,7 +115,7 @@ def test_host_platform_is_the_api_default() -> None:
 
 
 def test_header_blocks_pyctrd_sends_decode_without_hpack() -> None:
-    block = b"\x88" + _literal("grpc-status", "5") + b"\x0f\x10" + b"\x10application/grpc"
+    block = b"\x88" + literal("grpc-status", "5") + b"\x0f\x10" + b"\x10application/grpc"
     assert _decode_simple(block) == [
         (":status", "200"),
         ("grpc-status", "5"),

@@ -27,7 +27,7 @@ from h2.connection import H2Connection
 from h2.events import DataReceived, PingAckReceived, ResponseReceived, StreamEnded, TrailersReceived
 from hpack import Decoder
 
-from pyctr.api import errdefs, namespaces
+from pyctr.api import errdefs, h2wire, namespaces
 from pyctr.api._pb.containerd.services.content import v1 as pb
 from pyctr.daemon import http2
 from pyctr.daemon.server import GRPCServer, _Connection
@@ -415,7 +415,7 @@ class Raw:
             *kw.pop("extra", []),
         ]
         self.h2.send_headers(sid, headers)
-        data = http2.GRPC_PREFIX.pack(0, len(body)) + body
+        data = h2wire.GRPC_PREFIX.pack(0, len(body)) + body
         for pos in range(0, len(data), 16000):
             last = pos + 16000 >= len(data)
             self.h2.send_data(sid, data[pos : pos + 16000], end_stream=last, **kw)
@@ -494,11 +494,13 @@ def test_rst_stream_cancels_and_the_connection_goes_on() -> None:
     "garbage",
     [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        http2.PREFACE + b"\x00\x00\x04\x01\x05\x00\x00\x00\x01\xff\xff\xff\xff",  # bad HPACK
-        http2.PREFACE + http2.frame(http2.DATA, 0, 1, b"xx"),  # DATA on an idle stream
-        http2.PREFACE + b"\xff\xff\xff\x00\x00\x00\x00\x00\x00",  # a frame above the size limit
-        http2.PREFACE + http2.frame(http2.SETTINGS, 0, 0, b"\x00\x04\x80\x00\x00\x00"),  # window > 2^31-1
-        http2.PREFACE + http2.frame(http2.HEADERS, 0, 1, b"\x82") + http2.frame(http2.PING, 0, 0, bytes(8)),
+        h2wire.PREFACE + b"\x00\x00\x04\x01\x05\x00\x00\x00\x01\xff\xff\xff\xff",  # bad HPACK
+        h2wire.PREFACE + h2wire.frame(h2wire.DATA, 0, 1, b"xx"),  # DATA on an idle stream
+        h2wire.PREFACE + b"\xff\xff\xff\x00\x00\x00\x00\x00\x00",  # a frame above the size limit
+        h2wire.PREFACE + h2wire.frame(h2wire.SETTINGS, 0, 0, b"\x00\x04\x80\x00\x00\x00"),  # window > 2^31-1
+        h2wire.PREFACE
+        + h2wire.frame(h2wire.HEADERS, 0, 1, b"\x82")
+        + h2wire.frame(h2wire.PING, 0, 0, bytes(8)),
     ],
 )
 def test_garbage_gets_goaway_and_nothing_else_suffers(garbage: bytes) -> None:
@@ -520,7 +522,7 @@ def test_garbage_gets_goaway_and_nothing_else_suffers(garbage: bytes) -> None:
         if got.startswith(_INITIAL):
             # After our settings: a GOAWAY, and then the server hung up.
             rest = got[len(_INITIAL) :]
-            assert rest[3] == http2.GOAWAY, rest
+            assert rest[3] == h2wire.GOAWAY, rest
         ch, c = stub(s)
         try:
             assert (await c.info(pb.InfoRequest(digest="fine"))).info is not None
@@ -530,7 +532,7 @@ def test_garbage_gets_goaway_and_nothing_else_suffers(garbage: bytes) -> None:
     serve(go)
 
 
-_INITIAL = http2.settings_frame({2: 0, 3: 100, 4: 4 * MiB, 6: 64 * 1024}) + http2.window_update(
+_INITIAL = h2wire.settings_frame({2: 0, 3: 100, 4: 4 * MiB, 6: 64 * 1024}) + h2wire.window_update(
     0, 4 * MiB - 65535
 )
 
@@ -593,8 +595,8 @@ def test_requests_that_are_not_grpc_get_grpclibs_answers(
 @pytest.mark.parametrize(
     ("body", "answer"),
     [
-        (http2.GRPC_PREFIX.pack(1, 2) + b"\x0a\x00", ("2", "Compression not implemented")),
-        (http2.GRPC_PREFIX.pack(0, 10) + b"\x0a\x00", ("2", "Received less data than expected")),
+        (h2wire.GRPC_PREFIX.pack(1, 2) + b"\x0a\x00", ("2", "Compression not implemented")),
+        (h2wire.GRPC_PREFIX.pack(0, 10) + b"\x0a\x00", ("2", "Received less data than expected")),
     ],
 )
 def test_bodies_grpclib_refused_are_refused_alike(body: bytes, answer: tuple[str, str]) -> None:
@@ -719,11 +721,11 @@ def test_header_blocks_we_send_decode_as_meant() -> None:
         ("grpc-status", "5"),
         ("grpc-message", "content sha256:ab: not found %C3%A9 100%25"),
     ]
-    long = http2.literal("grpc-message", "m" * 300)  # lengths past the 7-bit prefix
+    long = h2wire.literal("grpc-message", "m" * 300)  # lengths past the 7-bit prefix
     assert Decoder().decode(long) == [("grpc-message", "m" * 300)]
     frames = http2.headers_frames(7, b"x" * 40000, True, 16384)
-    assert [f[3] for f in frames] == [http2.HEADERS, http2.CONTINUATION, http2.CONTINUATION]
-    assert [f[4] for f in frames] == [http2.END_STREAM, 0, http2.END_HEADERS]
+    assert [f[3] for f in frames] == [h2wire.HEADERS, h2wire.CONTINUATION, h2wire.CONTINUATION]
+    assert [f[4] for f in frames] == [h2wire.END_STREAM, 0, h2wire.END_HEADERS]
 
 
 def test_header_decoder_remembers_only_while_the_table_is_unchanged() -> None:
