@@ -136,12 +136,47 @@ class Job:
         self.deadline = 0.0
 
 
-class OutCopy:
+class _Pump:
+    """Copies ``src`` to ``dst`` without blocking: what a short write leaves waits in ``pending``,
+    with ``dst`` watched instead of ``src`` until it takes the rest."""
+
+    k: Keeper
+    src: int
+    dst: int
+    pending: bytes
+
+    def on_src(self, _events: int) -> None:
+        raise NotImplementedError
+
+    def write_failed(self, exc: OSError) -> None:
+        raise NotImplementedError
+
+    def write(self, data: bytes) -> None:
+        try:
+            n = os.write(self.dst, data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            self.write_failed(exc)
+            return
+        if n < len(data):
+            self.pending = data[n:]
+            self.k.unwatch(self.src)
+            self.k.watch(self.dst, _OUT, self.on_dst)
+
+    def on_dst(self, _events: int) -> None:
+        data, self.pending = self.pending, b""
+        self.k.unwatch(self.dst)
+        self.k.watch(self.src, _IN, self.on_src)
+        self.write(data)
+
+
+class OutCopy(_Pump):
     """Process output (pipe read end or pty master) -> the client's FIFO or file."""
 
-    def __init__(self, keeper: Keeper, io: ProcIO, src: int, sink: int, reader: int, own_src: bool) -> None:
+    def __init__(self, keeper: Keeper, io: ProcIO, src: int, dst: int, reader: int, own_src: bool) -> None:
         self.k, self.io = keeper, io
-        self.src, self.sink, self.reader, self.own_src = src, sink, reader, own_src
+        self.src, self.dst, self.reader, self.own_src = src, dst, reader, own_src
         self.pending = b""
         self.done = False
         self.deadline = 0.0
@@ -160,28 +195,12 @@ class OutCopy:
             data = b""
         if not data:
             self.eof()
-        elif self.sink >= 0:
+        elif self.dst >= 0:
             self.write(data)
 
-    def write(self, data: bytes) -> None:
-        try:
-            n = os.write(self.sink, data)
-        except BlockingIOError:
-            n = 0
-        except OSError as exc:
-            log.warning("stdio: writing output failed, discarding the rest: %s", exc)
-            self.close_sink()
-            return
-        if n < len(data):
-            self.pending = data[n:]
-            self.k.unwatch(self.src)
-            self.k.watch(self.sink, _OUT, self.on_sink)
-
-    def on_sink(self, _events: int) -> None:
-        data, self.pending = self.pending, b""
-        self.k.unwatch(self.sink)
-        self.k.watch(self.src, _IN, self.on_src)
-        self.write(data)
+    def write_failed(self, exc: OSError) -> None:
+        log.warning("stdio: writing output failed, discarding the rest: %s", exc)
+        self.close_dst()
 
     def eof(self) -> None:
         self.k.unwatch(self.src)
@@ -204,16 +223,16 @@ class OutCopy:
                 self.k.later(self.pause, self.drain)
                 self.pause = min(self.pause * 2, 0.01)
                 return
-        self.close_sink()
+        self.close_dst()
         self.done = True
         self.io.copy_done()
 
-    def close_sink(self) -> None:
-        if self.sink >= 0:
-            self.k.unwatch(self.sink)
-        _close(self.sink)
+    def close_dst(self) -> None:
+        if self.dst >= 0:
+            self.k.unwatch(self.dst)
+        _close(self.dst)
         _close(self.reader)
-        self.sink = self.reader = -1
+        self.dst = self.reader = -1
         self.pending = b""
 
     def force(self) -> None:
@@ -224,12 +243,12 @@ class OutCopy:
                 _close(self.src)
             self.src = -1
         if not self.done:
-            self.close_sink()
+            self.close_dst()
             self.done = True
             self.io.copy_done()
 
 
-class InCopy:
+class InCopy(_Pump):
     """The client's stdin FIFO -> the process's stdin (pipe write end, or a dup of the pty master)."""
 
     def __init__(self, keeper: Keeper, src: int, dst: int) -> None:
@@ -250,24 +269,8 @@ class InCopy:
             return
         self.write(data)
 
-    def write(self, data: bytes) -> None:
-        try:
-            n = os.write(self.dst, data)
-        except BlockingIOError:
-            n = 0
-        except OSError:  # the process closed its stdin or exited
-            self.close()
-            return
-        if n < len(data):
-            self.pending = data[n:]
-            self.k.unwatch(self.src)
-            self.k.watch(self.dst, _OUT, self.on_dst)
-
-    def on_dst(self, _events: int) -> None:
-        data, self.pending = self.pending, b""
-        self.k.unwatch(self.dst)
-        self.k.watch(self.src, _IN, self.on_src)
-        self.write(data)
+    def write_failed(self, exc: OSError) -> None:
+        self.close()  # the process closed its stdin or exited
 
     def close(self) -> None:
         for fd in (self.src, self.dst):
@@ -329,7 +332,7 @@ class ProcIO:
     def fds(self) -> list[int]:
         fds = [self.holder, self.console]
         for c in self.outs:
-            fds += [c.src, c.sink, c.reader]
+            fds += [c.src, c.dst, c.reader]
         if self.input is not None:
             fds += [self.input.src, self.input.dst]
         return [fd for fd in fds if fd >= 0]
