@@ -21,6 +21,7 @@ import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyctr.api import pblite as pw
 
@@ -341,7 +342,7 @@ def _event_offsets(data: bytes) -> list[int]:
     return offsets
 
 
-def open_oom_fds(cgroup: Cgroup) -> tuple[dict[str, object], list[int]] | None:
+def open_oom_fds(cgroup: Cgroup) -> tuple[dict[str, Any], list[int]] | None:
     """The OOM notification fds of ``cgroup`` for the keeper, which watches them in its own loop:
     ``({"v2", "path", "last"}, fds)``, the first fd the one to poll; None without a memory cgroup.
 
@@ -388,3 +389,23 @@ def _oom_inotify(events_file: str) -> int:
         os.close(fd)
         raise OSError(err, os.strerror(err))
     return fd
+
+
+def describe(pid: int) -> dict[str, Any] | None:
+    """Where ``pid``'s cgroup is, as plain data the keeper keeps (``Cgroup(**data)`` rebuilds it)."""
+    try:
+        cgroup = Cgroup.for_pid(pid)
+    except OSError:
+        return None
+    if cgroup is None:
+        return None
+    return {"v2": cgroup.v2, "path": cgroup.path, "dirs": dict(cgroup.dirs)}
+
+
+def oom_watch(data: dict[str, Any]) -> tuple[dict[str, Any], list[int]] | None:
+    """:func:`open_oom_fds` for :func:`describe`'s data; None (logged) when it cannot be watched."""
+    try:
+        return open_oom_fds(Cgroup(**data))
+    except OSError as exc:
+        log.warning("oom: cannot watch %s: %s", data, exc)
+        return None

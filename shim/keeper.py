@@ -3,14 +3,17 @@
 Why: every page a forked shim writes is private to it (reference counts, 3.11's bytecode warm-up,
 dicts), so a long-lived process running asyncio, betterproto and the task service costs ~6 MiB per
 container (docs/benchmarks.md, "per-shim private memory"). The keeper does only what must outlive a
-request, and forks a short-lived **worker** (worker.py) for everything else; a worker's dirty pages
-die with it.
+request and what needs only one runc command (direct.py: an init's Start, Kill, Delete, Pause,
+Resume), and forks a short-lived **worker** (worker.py) for the rest; a worker's dirty pages die
+with it.
 
 The keeper owns:
 * the ttrpc server on fd 3; it answers State, Wait, Connect, Shutdown, CloseIO and ResizePty itself
-  (hand-encoded replies) and queues every other call as a worker job, one job at a time;
+  (hand-encoded replies) and queues every other call as a job, one job at a time, served by
+  direct.py or a worker;
 * the process table (table.py) and reaping: it is the child subreaper and the only caller of
-  ``waitpid`` for its children (container processes re-parented from runc, and its workers);
+  ``waitpid`` for its children (container processes re-parented from runc, its workers and the runc
+  commands direct.py runs);
 * the stdio copies (pipes or pty master <-> the client's FIFOs) and the OOM notification fds, which
   workers open and pass over SCM_RIGHTS;
 * the event publisher to the daemon (``Events/Forward`` on $TTRPC_ADDRESS, in order, with retries).
@@ -50,7 +53,10 @@ from pyctr.api import pblite as pw
 from pyctr.api import ttrpc
 from pyctr.api.errdefs import Code
 from pyctr.shim import address as shim_address
+from pyctr.shim import direct
 from pyctr.shim.process.state import Op, State
+from pyctr.shim.reaper import DEFAULT_SIGNALS
+from pyctr.shim.runc import runc_env
 from pyctr.shim.table import Container, Exit, Proc, ProcessTable, exit_status
 
 log = logging.getLogger("pyctr.shim")
@@ -74,8 +80,9 @@ _RETRYABLE = {Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED}
 EOF_GRACE = 2.0
 DRAIN_TIMEOUT = 1.5
 SETTLE_TIMEOUT = 5.0
-# Calls answered by a worker. "killall" is internal: init exited in a shared PID namespace.
-WORKER_METHODS = frozenset(
+# Calls served one at a time as jobs, by direct.py in the keeper or by a worker. "killall" is internal:
+# init exited in a shared PID namespace.
+JOB_METHODS = frozenset(
     ("Create", "Start", "Delete", "Kill", "Exec", "Pause", "Resume", "Update", "Pids", "Stats", "Checkpoint")
 )
 _HOLDING = frozenset(("Create", "Start"))
@@ -529,6 +536,10 @@ class Keeper:
         self.deferred: list[Job] = []  # Deletes waiting for an exit to be reported
         self.held: list[Proc] = []  # exits waiting for a Create/Start job to finish
         self.workers: set[int] = set()
+        # Children the keeper runs itself (direct.py's runc calls): pid -> called with the exit status.
+        self.children: dict[int, Callable[[int], None]] = {}
+        self.binaries: dict[str, str] = {}  # runc command -> resolved path
+        self.env = runc_env()
         self.stopping = False
         self.creds = (os.geteuid(), os.getegid())
         self.publisher = Publisher(self, os.environ.get("TTRPC_ADDRESS", ""), namespace)
@@ -547,6 +558,27 @@ class Keeper:
         if self.handlers.pop(fd, None) is not None:
             with contextlib.suppress(OSError):
                 self.ep.unregister(fd)
+
+    def spawn(self, argv: list[str], out: int, exited: Callable[[int], None]) -> None:
+        """Starts ``argv`` with stdin /dev/null and stdout+stderr ``out``; ``exited(status)`` once reaped.
+        No race with the reaper: both run on this loop, and the pid is known before the next reap."""
+        devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = os.posix_spawnp(
+                argv[0],
+                argv,
+                self.env,
+                file_actions=[
+                    (os.POSIX_SPAWN_DUP2, devnull, 0),
+                    (os.POSIX_SPAWN_DUP2, out, 1),
+                    (os.POSIX_SPAWN_DUP2, out, 2),
+                ],
+                setsigdef=DEFAULT_SIGNALS,
+                setsigmask=(),
+            )
+        finally:
+            os.close(devnull)
+        self.children[pid] = exited
 
     def later(self, delay: float, fn: Callable[..., None], *args: Any) -> None:
         self._seq += 1
@@ -614,6 +646,10 @@ class Keeper:
                 return
             if pid in self.workers:
                 self.workers.discard(pid)
+                continue
+            child = self.children.pop(pid, None)
+            if child is not None:
+                child(exit_status(status))
                 continue
             proc = self.table.on_exit(Exit(pid, exit_status(status), time.time()))
             if proc is not None:
@@ -738,12 +774,12 @@ class Keeper:
             self.fail(conn, sid, Code.INVALID_ARGUMENT, f"unmarshal request error: {exc}")
             return
         method = req.method
-        if req.service != TASK_SERVICE or (method not in WORKER_METHODS and method not in _CHEAP):
+        if req.service != TASK_SERVICE or (method not in JOB_METHODS and method not in _CHEAP):
             self.fail(
                 conn, sid, Code.UNIMPLEMENTED, f"service {req.service}: method {method}: not implemented"
             )
             return
-        if method in WORKER_METHODS:
+        if method in JOB_METHODS:
             self.enqueue(Job(method, req.payload, conn, sid))
             return
         try:
@@ -886,13 +922,19 @@ class Keeper:
         if self.job is not None or not self.jobs or self.stopping:
             return
         job = self.job = self.jobs.popleft()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         if job.method in _HOLDING:
             self.table.open_window()
         if job.method == "Pause":
             container = self.table.containers.get(ids(job.payload)[0])
             if container is not None and container.init.state is State.RUNNING:
                 container.init.pausing = True
+        if self.run_direct(job):
+            return
+        job.pid, job.sock = self.fork_worker(job)
+        self.watch(job.sock.fileno(), _IN, self.on_result)
+
+    def fork_worker(self, job: Job) -> tuple[int, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         pid = os.fork()
         if pid == 0:
             from pyctr.shim import worker
@@ -901,8 +943,7 @@ class Keeper:
             worker.run(self, job, theirs)
         theirs.close()
         self.workers.add(pid)
-        job.pid, job.sock = pid, ours
-        self.watch(ours.fileno(), _IN, self.on_result)
+        return pid, ours
 
     def fds_for_worker(self) -> list[int]:
         """Everything the worker must not keep open (it would delay EOFs and hold sockets)."""
@@ -917,6 +958,22 @@ class Keeper:
                 fds.extend(container.oom.fds)
         return fds
 
+    def run_direct(self, job: Job) -> bool:
+        """Serves ``job`` in the keeper when direct.py can (it ends it with :meth:`finish`)."""
+        handler = direct.HANDLERS.get(job.method)
+        if os.environ.get("NODIRECT"):
+            return False
+        try:
+            if job.method == "killall":
+                direct.killall(self, job)
+                return True
+            if handler is None:
+                return False
+            return handler(self, job, *self.process(*ids(job.payload)))
+        except Exception as exc:
+            self.finish_error(job, exc)
+            return True
+
     def on_result(self, _events: int) -> None:
         job = self.job
         assert job is not None and job.sock is not None
@@ -929,18 +986,33 @@ class Keeper:
             log.warning("shim worker %s: %s", job.method, exc)
         self.unwatch(job.sock.fileno())
         job.sock.close()
-        self.job = None
-        result: dict[str, Any]
         try:
             result = (
                 marshal.loads(msg) if msg else {"error": (Code.UNKNOWN, f"shim worker for {job.method} died")}
             )
+        except Exception as exc:
+            result = {"error": (Code.UNKNOWN, f"shim worker: {exc}")}
+        self.finish(job, result, fds)
+
+    def finish_error(self, job: Job, exc: Exception) -> None:
+        if isinstance(exc, CallError):
+            error = (exc.code, exc.message)
+        else:
+            from pyctr.api.errdefs import to_status
+
+            error = to_status(exc)
+        self.finish(job, {"error": error})
+
+    def finish(self, job: Job, result: dict[str, Any], fds: list[int] | None = None) -> None:
+        """Ends the current job with a worker's (or direct.py's) result: events, updates, the answer."""
+        self.job = None
+        try:
             for topic, url, value in result.get("events", ()):
                 self.publish(topic, url, value)
             for update in result.get("updates", ()):
-                self.apply(update, fds)
+                self.apply(update, fds or [])
         except Exception as exc:
-            log.exception("shim worker %s: bad result", job.method)
+            log.exception("shim %s: bad result", job.method)
             result = {"error": (Code.UNKNOWN, f"shim worker: {exc}")}
         if job.method in _HOLDING:
             self.table.close_window()
@@ -1057,16 +1129,20 @@ def serve(
     os._exit(code)
 
 
-def warm_up(rounds: int = 10) -> None:
+def warm_up(rounds: int = 10) -> list[str]:
     """Runs the keeper's everyday paths in the launcher, before it forks any shim.
 
     3.11 counts calls in every code object until it quickens it, and specialises instructions in
     place; strings get their hash cached and caches get built on first use: done here, those writes
     land in pages every shim shares instead of in each shim's private copy. Accepts a connection,
-    takes Create and Start through dispatch, applies workers' results for both (no fork: the jobs are
-    answered over a socketpair), serves Connect, State and Wait, and finishes an exit (the event goes
-    to a socket that does not exist, which also runs the retry path).
+    takes Create through dispatch and applies a worker's result for it (no fork: the job is answered
+    over a socketpair), runs Start, Kill and Delete through direct.py with ``true`` as the runtime,
+    serves Connect, State, Wait and Shutdown, and finishes an exit (the event goes to a socket that
+    does not exist, which also runs the retry path). Returns the calls that failed (none should).
     """
+    failed: list[str] = []
+    methods: dict[int, str] = {}
+    decoder = ttrpc.FrameDecoder()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(f"\0pyrunc-warm-up-{os.getpid()}")
     listener.listen(1)
@@ -1081,16 +1157,27 @@ def warm_up(rounds: int = 10) -> None:
         (conn,) = keeper.conns.values()
         sid = 1
 
-        def call(*methods: str) -> None:
+        def call_with(payload: bytes, *names: str) -> None:
             nonlocal sid
             frames = b""
-            for method in methods:
+            for method in names:
+                methods[sid] = method
                 frames += ttrpc.encode_frame(
-                    sid, ttrpc.REQUEST, 0, ttrpc.Request(TASK_SERVICE, method, request).encode()
+                    sid, ttrpc.REQUEST, 0, ttrpc.Request(TASK_SERVICE, method, payload).encode()
                 )
                 sid += 2
             client.sendall(frames)
             keeper.handlers[conn.fd](_IN)
+
+        def call(*names: str) -> None:
+            call_with(request, *names)
+
+        def settle() -> None:
+            """Reaps the stand-in runc commands direct.py started (the launcher has no other children)."""
+            deadline = time.monotonic() + 5.0
+            while keeper.children and time.monotonic() < deadline:
+                time.sleep(0.0005)
+                keeper.reap()
 
         def answer(result: dict[str, Any]) -> None:
             job = keeper.jobs.popleft()
@@ -1118,7 +1205,13 @@ def warm_up(rounds: int = 10) -> None:
                 "terminal": False,
                 "pid": -1 - round,
                 "kill_all": False,
-                "config": {"command": "runc", "root": "/", "log": "/", "rootfs": "", "cgroup": None},
+                "config": {
+                    "command": "true",
+                    "root": "/",
+                    "log": "/nonexistent/log.json",
+                    "rootfs": "",
+                    "cgroup": None,
+                },
             }
             answer(
                 {
@@ -1127,25 +1220,27 @@ def warm_up(rounds: int = 10) -> None:
                     "updates": [("container", record, None)],
                 }
             )
-            call("Start")
-            answer(
-                {
-                    "reply": pw.uint(1, 1),
-                    "events": [("/tasks/start", "containerd.events.TaskStart", request)],
-                    "updates": [("state", id, "", "created", "running"), ("config", id, {"cgroup": None})],
-                }
-            )
             keeper.stopping = False
+            call("Start")  # direct.py, with `true` standing in for runc
+            settle()
             call("Connect", "State", "Wait", "State")
+            call_with(pw.string(1, id) + pw.uint(3, 15), "Kill")
+            settle()
             keeper.reap()
             proc = keeper.table.on_exit(Exit(-1 - round, 0, time.time()))
             if proc is not None:
                 keeper.on_proc_exit(proc)
-            keeper.remove(keeper.table.containers[id], "")
+            call("Delete")
+            settle()
+            call("Shutdown")
             client.setblocking(False)
             with contextlib.suppress(BlockingIOError):
-                while client.recv(65536):
-                    pass
+                while data := client.recv(65536):
+                    for frame in decoder.feed(data):
+                        assert isinstance(frame, ttrpc.Frame)
+                        status = ttrpc.Response.decode(frame.data).status
+                        if status is not None and status.code:
+                            failed.append(f"{methods[frame.stream_id]}: {status.message}")
             client.setblocking(True)
         keeper.publisher.drop_conn()
         keeper.drop(conn)
@@ -1157,3 +1252,4 @@ def warm_up(rounds: int = 10) -> None:
             sock.close()
         os.close(keeper.wake_r)
         os.close(keeper.wake_w)
+    return failed

@@ -335,7 +335,8 @@ def _warm_up() -> None:
     if server.keeper_enabled():
         from pyctr.shim import keeper
 
-        keeper.warm_up()
+        for failure in keeper.warm_up():
+            logging.getLogger("pyctr.shim").warning("launcher warm-up: %s", failure)
 
 
 def _write_pid(sockdir: str) -> str:

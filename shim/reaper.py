@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 # Signals Python ignores in-process; a spawned child must start with the default action (runc and the
 # container processes expect SIGPIPE to kill them).
-_DEFAULT_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
+DEFAULT_SIGNALS = tuple(s for s in (signal.SIGPIPE, getattr(signal, "SIGXFSZ", None)) if s is not None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +110,7 @@ class Reaper:
                 list(argv),
                 dict(os.environ if env is None else env),
                 file_actions=actions,
-                setsigdef=_DEFAULT_SIGNALS,
+                setsigdef=DEFAULT_SIGNALS,
                 setsigmask=(),
             )
         finally:

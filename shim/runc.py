@@ -44,6 +44,44 @@ def runc_env() -> dict[str, str]:
     return env
 
 
+def command_line(
+    command: str, root: str, log: str, systemd_cgroup: bool, criu: str, args: Sequence[str]
+) -> list[str]:
+    """``runc`` with the global flags go-runc passes, then ``args``; ``command`` is the resolved binary."""
+    argv = [command, "--root", root, "--log", log, "--log-format", "json"]
+    if criu:
+        argv += ["--criu", criu]
+    if systemd_cgroup:
+        argv.append("--systemd-cgroup")
+    return argv + list(args)
+
+
+def log_size(log: str) -> int:
+    try:
+        return os.stat(log).st_size
+    except OSError:
+        return 0
+
+
+def logged_error(log: str, since: int = 0) -> str:
+    """The last ``level == "error"`` message runc wrote to ``log`` (log.json) after offset ``since``."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(since)
+            data = f.read()
+    except OSError:
+        return ""
+    message = ""
+    for line in data.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("level") == "error":
+            message = str(entry.get("msg", "")).strip()
+    return message
+
+
 class Runc:
     def __init__(
         self,
@@ -63,36 +101,13 @@ class Runc:
         self.criu = criu
 
     def _argv(self, args: Sequence[str]) -> list[str]:
-        argv = [self.command, "--root", self.root, "--log", self.log, "--log-format", "json"]
-        if self.criu:
-            argv += ["--criu", self.criu]
-        if self.systemd_cgroup:
-            argv.append("--systemd-cgroup")
-        return argv + list(args)
+        return command_line(self.command, self.root, self.log, self.systemd_cgroup, self.criu, args)
 
     def _log_size(self) -> int:
-        try:
-            return os.stat(self.log).st_size
-        except OSError:
-            return 0
+        return log_size(self.log)
 
     def logged_error(self, since: int = 0) -> str:
-        """The last ``level == "error"`` message runc wrote to log.json after offset ``since``."""
-        try:
-            with open(self.log, "rb") as f:
-                f.seek(since)
-                data = f.read()
-        except OSError:
-            return ""
-        message = ""
-        for line in data.splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(entry, dict) and entry.get("level") == "error":
-                message = str(entry.get("msg", "")).strip()
-        return message
+        return logged_error(self.log, since)
 
     async def _run(
         self,

@@ -1,5 +1,8 @@
 """A worker: a short-lived child of the keeper that serves one heavy Task call and exits.
 
+The heavy calls: Create, Exec, an exec's Start, Update, Pids, Stats and Checkpoint (the rest are the
+keeper's own, see keeper.py and direct.py).
+
 It is forked from the keeper, so it starts with the keeper's process table (read-only here: changes
 go back as ``updates``) and may use everything the shim has (asyncio, betterproto, the runc driver,
 mounts, cgroups): its dirty pages die with it. It is not a subreaper, so the container processes that
@@ -7,7 +10,7 @@ runc forks are re-parented to the keeper, which reaps them; the worker reaps onl
 children (its own Reaper thread). The result goes back as one message (see keeper.py), with the fds
 the keeper owns from now on (stdio pipe ends and FIFOs, the pty master, OOM notification fds).
 
-Updates (applied by the keeper, in order)::
+Updates (applied by the keeper, in order; direct.py reports its changes the same way)::
 
     ("container", {id, bundle, stdin, stdout, stderr, terminal, pid, kill_all, config}, io | None)
     ("exec", container_id, {id, stdin, stdout, stderr, terminal, spec})
@@ -43,7 +46,6 @@ from pyctr.api._pb.containerd.v1.types import ProcessInfo
 from pyctr.api._pb.google.protobuf import Any as AnyMessage
 from pyctr.api.errdefs import (
     AlreadyExists,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     NotImplementedErr,
@@ -56,7 +58,7 @@ from pyctr.shim.container import mount_rootfs
 from pyctr.shim.events import type_url
 from pyctr.shim.io import ConsoleSocket, ProcessIO, Stdio
 from pyctr.shim.process.exec import START_FAILED_STATUS
-from pyctr.shim.process.init import kill_error, runtime_error, unmount_rootfs
+from pyctr.shim.process.init import runtime_error, unmount_rootfs
 from pyctr.shim.process.state import Op
 from pyctr.shim.reaper import Reaper
 from pyctr.shim.runc import Runc, RuncError
@@ -65,12 +67,6 @@ from pyctr.shim.table import Container, Proc
 
 if TYPE_CHECKING:
     from pyctr.shim.keeper import Job, Keeper
-
-
-def _timestamp(ts: float | None) -> Any:
-    import datetime
-
-    return None if ts is None else datetime.datetime.fromtimestamp(ts, datetime.UTC)
 
 
 def _any(message: betterproto2.Message) -> AnyMessage:
@@ -257,7 +253,7 @@ class Worker:
 
                     logging.getLogger(__name__).warning("failed to cleanup rootfs mount %s: %s", rootfs, exc)
             raise
-        config["cgroup"] = _cgroup_data(pid)
+        config["cgroup"] = cgroups.describe(pid)
         record = {
             "id": req.id,
             "bundle": req.bundle,
@@ -285,32 +281,17 @@ class Worker:
         return bytes(task.CreateTaskResponse(pid=pid))
 
     async def start(self, payload: bytes) -> bytes:
+        """An exec's Start (an init's is direct.py's)."""
         req = task.StartRequest.parse(payload)
         container = self.container(req.id)
         proc = self.process(container, req.exec_id)
-        before, after = proc.state, proc.check(Op.START)
-        if req.exec_id:
-            pid = await self.start_exec(container, proc)
-            self.publish(
-                "/tasks/exec-started",
-                ev.TaskExecStarted(container_id=container.id, exec_id=req.exec_id, pid=pid),
-            )
-            return bytes(task.StartResponse(pid=pid))
-        try:
-            await self.runc(container).start(container.id)
-        except RuncError as err:
-            raise runtime_error(err, "OCI runtime start failed") from None
-        self.updates.append(("state", container.id, "", before.value, after.value))
-        cgroup = container.config.get("cgroup") or _cgroup_data(proc.pid)
-        if cgroup is not None:
-            self.updates.append(("config", container.id, {"cgroup": cgroup}))
-            opened = _open_oom(cgroup)
-            if opened is not None:
-                desc, fds = opened
-                base = self.add_fds(fds)
-                self.updates.append(("oom", container.id, desc, [base + i for i in range(len(fds))]))
-        self.publish("/tasks/start", ev.TaskStart(container_id=container.id, pid=proc.pid))
-        return bytes(task.StartResponse(pid=proc.pid))
+        proc.check(Op.START)
+        pid = await self.start_exec(container, proc)
+        self.publish(
+            "/tasks/exec-started",
+            ev.TaskExecStarted(container_id=container.id, exec_id=req.exec_id, pid=pid),
+        )
+        return bytes(task.StartResponse(pid=pid))
 
     async def start_exec(self, container: Container, proc: Proc) -> int:
         cfg = container.config
@@ -362,105 +343,6 @@ class Worker:
         }
         self.updates.append(("exec", container.id, record))
         self.publish("/tasks/exec-added", ev.TaskExecAdded(container_id=container.id, exec_id=req.exec_id))
-        return b""
-
-    async def delete(self, payload: bytes) -> bytes:
-        req = task.DeleteRequest.parse(payload)
-        container = self.container(req.id)
-        proc = self.process(container, req.exec_id)
-        proc.check(Op.DELETE)
-        if req.exec_id:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(container.bundle, f"{proc.id}.pid"))
-        else:
-            error: Exception | None = None
-            try:
-                await self.runc(container).delete(container.id)
-            except RuncError as err:
-                if "does not exist" not in f"{err.output} {err.logged}":
-                    error = runtime_error(err, "failed to delete task")
-            rootfs = container.config.get("rootfs", "")
-            if rootfs:
-                try:
-                    await unmount_rootfs(rootfs)
-                except OSError as exc:
-                    error = error or Unknown(f"failed rootfs umount: {exc}")
-            if error is not None:
-                raise error
-            self.publish(
-                "/tasks/delete",
-                ev.TaskDelete(
-                    container_id=container.id,
-                    pid=proc.pid,
-                    exit_status=proc.exit_status,
-                    exited_at=_timestamp(proc.exited_at),
-                    id=container.id,
-                ),
-            )
-        self.updates.append(("deleted", container.id, req.exec_id))
-        return bytes(
-            task.DeleteResponse(
-                pid=proc.pid, exit_status=proc.exit_status, exited_at=_timestamp(proc.exited_at)
-            )
-        )
-
-    async def kill(self, payload: bytes) -> bytes:
-        req = task.KillRequest.parse(payload)
-        container = self.container(req.id)
-        proc = self.process(container, req.exec_id)
-        proc.check(Op.KILL)
-        if proc.init:
-            try:
-                await self.runc(container).kill(container.id, req.signal, all=req.all)
-            except RuncError as err:
-                raise kill_error(err) from None
-            return b""
-        if proc.pid == 0:
-            raise FailedPrecondition("process not created")
-        if proc.exited_at is not None:
-            raise NotFound("process already finished")
-        try:
-            os.kill(proc.pid, req.signal)
-        except ProcessLookupError:
-            raise NotFound("process already finished") from None
-        return b""
-
-    async def killall(self, payload: bytes) -> bytes:
-        """Init exited and the container has no PID namespace of its own: SIGKILL what is left."""
-        container = self.containers.get(payload.decode())
-        if container is not None:
-            try:
-                await self.runc(container).kill(container.id, 9, all=True)
-            except RuncError as err:
-                import logging
-
-                logging.getLogger(__name__).warning(
-                    "OCI runtime killall failed for %s: %s", container.id, err.text
-                )
-        return b""
-
-    async def pause(self, payload: bytes) -> bytes:
-        container = self.container(task.PauseRequest.parse(payload).id)
-        init = container.init
-        before, after = init.state, init.check(Op.PAUSE)
-        try:
-            await self.runc(container).pause(container.id)
-        except RuncError as err:
-            raise runtime_error(err, "OCI runtime pause failed") from None
-        self.updates.append(("state", container.id, "", before.value, after.value))
-        self.publish("/tasks/paused", ev.TaskPaused(container_id=container.id))
-        return b""
-
-    async def resume(self, payload: bytes) -> bytes:
-        container = self.container(task.ResumeRequest.parse(payload).id)
-        init = container.init
-        before, after = init.state, init.check(Op.RESUME)
-        try:
-            await self.runc(container).resume(container.id)
-        except RuncError as err:
-            raise runtime_error(err, "OCI runtime resume failed") from None
-        self.updates.append(("state", container.id, "", before.value, after.value))
-        self.publish("/tasks/resumed", ev.TaskResumed(container_id=container.id))
         return b""
 
     async def update(self, payload: bytes) -> bytes:
@@ -531,23 +413,3 @@ class Worker:
             if own_work:
                 shutil.rmtree(work, ignore_errors=True)
         return b""
-
-
-def _cgroup_data(pid: int) -> dict[str, Any] | None:
-    try:
-        cgroup = cgroups.Cgroup.for_pid(pid)
-    except OSError:
-        return None
-    if cgroup is None:
-        return None
-    return {"v2": cgroup.v2, "path": cgroup.path, "dirs": dict(cgroup.dirs)}
-
-
-def _open_oom(data: dict[str, Any]) -> tuple[dict[str, Any], list[int]] | None:
-    try:
-        return cgroups.open_oom_fds(cgroups.Cgroup(**data))
-    except OSError as exc:
-        import logging
-
-        logging.getLogger(__name__).warning("oom: cannot watch %s: %s", data, exc)
-        return None

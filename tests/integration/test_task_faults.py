@@ -85,6 +85,69 @@ def test_run_with_a_failing_runc_reports_why_and_leaves_nothing(env: Env, runc: 
     assert_nothing_left(env, {}, [])
 
 
+# Real runc, except for the commands named in the file next to it: those fail as runc fails.
+REFUSING_RUNC = """#!/bin/sh
+refuse=$(cat "$0.refuse" 2>/dev/null)
+log=""
+prev=""
+for a in "$@"; do
+  [ "$prev" = --log ] && log=$a
+  for r in $refuse; do
+    if [ "$a" = "$r" ]; then
+      echo '{"level":"error","msg":"runc-wrapper: '"$r"' refused","time":"2026-01-01T00:00:00Z"}' >>"$log"
+      exit 1
+    fi
+  done
+  prev=$a
+done
+exec runc "$@"
+"""
+
+
+def test_runc_failing_start_kill_pause_delete_reports_why(env: Env, tmp_path: str) -> None:
+    """The calls the shim's keeper runs runc for itself (Start, Kill, Pause, Delete) report runc's own
+    logged error with containerd's wording, change nothing, and work once runc works again."""
+    wrapper = os.path.join(str(tmp_path), "runc-refusing")
+    with open(wrapper, "w") as f:
+        f.write(REFUSING_RUNC)
+    os.chmod(wrapper, 0o755)
+
+    def refuse(*commands: str) -> None:
+        with open(f"{wrapper}.refuse", "w") as f:
+            f.write(" ".join(commands))
+
+    refuse("start")
+    r = env.ctr("run", "-d", "--runc-binary", wrapper, IMAGE, "refused", "sleep", "1000")
+    assert r.returncode != 0
+    assert "OCI runtime start failed: runc-wrapper: start refused" in r.stderr, r.stderr
+    assert env.tasks()["refused"][1] == "CREATED"
+    refuse()
+    env.ok("tasks", "rm", "-f", "refused")
+    env.ok("tasks", "start", "-d", "refused")
+    pid, status = env.tasks()["refused"]
+    assert status == "RUNNING" and alive(pid)
+
+    refuse("pause", "kill")
+    r = env.ctr("tasks", "pause", "refused")
+    assert r.returncode != 0 and "OCI runtime pause failed: runc-wrapper: pause refused" in r.stderr, r.stderr
+    r = env.ctr("tasks", "kill", "refused")
+    assert r.returncode != 0 and "unknown error after kill: runc-wrapper: kill refused" in r.stderr, r.stderr
+    assert env.tasks()["refused"] == (pid, "RUNNING")
+
+    refuse("delete")
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: env.tasks()["refused"][1] == "STOPPED", timeout=10)
+    r = env.ctr("tasks", "rm", "refused")
+    assert r.returncode != 0 and "failed to delete task: runc-wrapper: delete refused" in r.stderr, r.stderr
+    assert env.tasks()["refused"] == (pid, "STOPPED")
+
+    refuse()
+    env.ok("tasks", "rm", "refused")
+    env.ok("containers", "rm", "refused")
+    wait_for(lambda: "refused" not in env.shims(), timeout=10)
+    assert_nothing_left(env, {}, [pid])
+
+
 def _unread_output_does_not_block(env: Env, cid: str) -> None:
     pid, status = env.tasks()[cid]
     assert status == "RUNNING"

@@ -58,13 +58,14 @@ def test_forget_drops_only_the_given_processes() -> None:
 
 
 def test_keeper_paths_run_in_process_without_forking() -> None:
-    """The launcher's warm-up serves Connect/State/Wait, applies a worker result and finishes an
-    exit on a real keeper over a socketpair: a broken keeper path fails here, not in every shim."""
+    """The launcher's warm-up serves Connect/State/Wait, applies a worker result, runs direct.py's
+    Start, Kill and Delete (``true`` for runc) and finishes an exit on a real keeper over a socket:
+    a broken keeper path fails here, not in every shim. Every call is answered without an error."""
     import os
 
     from pyctr.shim import keeper
 
     before = set(os.listdir("/proc/self/task"))
-    keeper.warm_up(rounds=2)
+    assert keeper.warm_up(rounds=2) == []
     assert set(os.listdir("/proc/self/task")) == before
     assert keeper.ids(b"\x0a\x01c\x12\x02e1") == ("c", "e1")
