@@ -16,10 +16,11 @@ How, per daemon (one launcher per shim socket directory, ``<dir>/pyrunc-launcher
 * Request (one SOCK_SEQPACKET message): JSON ``{"argv", "cwd", "env"}`` plus the shim's listening
   socket as SCM_RIGHTS. Reply: ``{"pid": N}`` or ``{"error": "..."}``; ``"stale"`` means the code on
   disk changed since the launcher started (it exits, and ``start`` spawns a new one).
-* The launcher forks a child that calls ``setsid`` and forks the shim, then exits: the shim is
-  re-parented (to init or the nearest subreaper) exactly as an exec'd one would be, and the launcher
-  never has to reap it. The shim chdirs to the bundle, takes the requested environment, puts the
-  listener on fd 3 and /dev/null on 0-2, and runs :func:`pyctr.shim.server.serve`.
+* The launcher forks (a bare ``fork(2)``, see :func:`_bare_fork`) a child that calls ``setsid`` and
+  forks the shim the same way, then exits: the shim is re-parented (to init or the nearest
+  subreaper) exactly as an exec'd one would be, and the launcher never has to reap it. The shim
+  chdirs to the bundle, takes the requested environment, puts the listener on fd 3 and /dev/null on
+  0-2, and runs :func:`pyctr.shim.server.serve`.
 * The launcher is single-threaded and never runs an event loop, so forking it is safe. It exits after
   ``PYCTR_SHIM_LAUNCHER_IDLE`` seconds (default 600) without a request; shims it forked keep sharing
   pages with each other after it is gone.
@@ -207,14 +208,53 @@ def _become_shim(request: dict[str, Any], listen_fd: int, close: list[socket.soc
     main(list(request["argv"]))
 
 
+def _bare_fork() -> int:
+    """fork(2) without CPython's at-fork work (PyOS_AfterFork_Child and the registered hooks).
+
+    Why: that work (threading's and logging's fresh locks, random's reseed, the runtime's re-init)
+    writes pages the shim would otherwise share with the launcher: ~650 KiB in a child that does
+    nothing else, ~300 KiB less private memory per serving shim (docs/benchmarks.md). It exists
+    for processes with other threads; the launcher has none, so its child is already consistent:
+    same thread ident, no lock held, the GIL held by the only thread. Called through
+    ``ctypes.PyDLL``, which keeps the GIL held across the call. Workers, forked by the keeper (which
+    runs no thread either, but whose workers start one) keep ``os.fork``.
+    """
+    pid = int(_bare_fork_function()())
+    if pid < 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return pid
+
+
+_libc_fork: Any = None
+
+
+def _bare_fork_function() -> Any:
+    """libc's fork through ctypes, looked up once (at launcher start, before the heap is frozen)."""
+    global _libc_fork
+    if _libc_fork is None:
+        import ctypes
+
+        _libc_fork = ctypes.PyDLL(None, use_errno=True).fork
+        _libc_fork.restype = ctypes.c_int
+        _libc_fork.argtypes = ()
+    return _libc_fork
+
+
 def _fork_shim(request: dict[str, Any], listen_fd: int, close: list[socket.socket]) -> int:
+    if threading.active_count() > 1:  # never expected: then only the full fork is safe
+        fork = os.fork
+    else:
+        fork = _bare_fork
     r, w = os.pipe()
-    child = os.fork()
+    child = fork()
     if child == 0:
         try:
             os.close(r)
             os.setsid()
-            shim = os.fork()
+            shim = fork()
             if shim:
                 os.write(w, str(shim).encode())
                 os._exit(0)
@@ -377,6 +417,7 @@ def serve_launcher(sockdir: str) -> None:
     freshness = _Freshness(_source_dirs())
     _warm_up()
     _limit_malloc_arenas()
+    _bare_fork_function()
     gc.collect()
     gc.freeze()
     idle_limit = float(os.environ.get("PYCTR_SHIM_LAUNCHER_IDLE", "600"))
