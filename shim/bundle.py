@@ -25,11 +25,18 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pyctr.api.errdefs import InvalidArgument
+
+if TYPE_CHECKING:
+    from pyctr.api._pb.google.protobuf import Any as AnyMessage
 
 INIT_PID_FILE = "init.pid"
 OPTIONS_FILE = "options.json"
 RUNTIME_FILE = "runtime"
 DEFAULT_RUNC_ROOT = "/run/pyctrd/runc"
+_OPTIONS_URL = "containerd.runc.v1.Options"
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +64,32 @@ class RuncOptions:
     def from_json(cls, text: str) -> RuncOptions:
         data = json.loads(text or "{}")
         return cls(**{k: v for k, v in data.items() if k in cls.__slots__})
+
+
+def parse_runc_options(options: AnyMessage | None) -> RuncOptions:
+    """CreateTaskRequest.options (a ``containerd.runc.v1.Options`` in an Any, or nothing)."""
+    if options is None or not options.type_url:
+        return RuncOptions()
+    url = options.type_url.removeprefix("type.googleapis.com/")
+    if url != _OPTIONS_URL:
+        raise InvalidArgument(f"unsupported runtime options type {url}")
+    # Imported here: generated code would slow down the ``delete`` action, which never needs it.
+    from pyctr.api._pb.containerd.runc.v1 import Options
+
+    o = Options.parse(options.value)
+    return RuncOptions(
+        no_pivot_root=o.no_pivot_root,
+        no_new_keyring=o.no_new_keyring,
+        shim_cgroup=o.shim_cgroup,
+        io_uid=o.io_uid,
+        io_gid=o.io_gid,
+        binary_name=o.binary_name,
+        root=o.root,
+        criu_path=o.criu_path,
+        systemd_cgroup=o.systemd_cgroup,
+        criu_image_path=o.criu_image_path,
+        criu_work_path=o.criu_work_path,
+    )
 
 
 def runc_root(options_root: str, address: str, namespace: str) -> str:

@@ -13,13 +13,10 @@ OOM: v1 registers an eventfd on ``memory.oom_control`` through ``cgroup.event_co
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import logging
 import os
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -243,103 +240,8 @@ def v2_metrics(path: str) -> bytes:
 # -- OOM ----------------------------------------------------------------------------------------------
 
 _IN_MODIFY = 0x2
-_IN_IGNORED = 0x8000
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
-_INOTIFY_EVENT = struct.Struct("iIII")
-
-
-class OomWatcher:
-    """Calls ``notify(container_id)`` on each OOM kill in a watched container's memory cgroup."""
-
-    def __init__(self, notify: Callable[[str], None]) -> None:
-        self._notify = notify
-        self._watches: dict[str, Callable[[], None]] = {}  # container id -> stop
-
-    def add(self, container_id: str, cgroup: Cgroup) -> None:
-        if container_id in self._watches:
-            return
-        memory = cgroup.memory_dir()
-        if not memory or not os.path.isdir(memory):
-            return
-        try:
-            stop = self._watch_v2(container_id, memory) if cgroup.v2 else self._watch_v1(container_id, memory)
-        except OSError as exc:
-            log.warning("oom: cannot watch %s: %s", memory, exc)
-            return
-        self._watches[container_id] = stop
-
-    def remove(self, container_id: str) -> None:
-        stop = self._watches.pop(container_id, None)
-        if stop is not None:
-            stop()
-
-    def close(self) -> None:
-        for container_id in list(self._watches):
-            self.remove(container_id)
-
-    def _watch_v1(self, container_id: str, memory: str) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
-        efd, ofd = _oom_eventfd(memory)
-
-        def stop() -> None:
-            loop.remove_reader(efd)
-            os.close(efd)
-            os.close(ofd)
-
-        def ready() -> None:
-            try:
-                os.eventfd_read(efd)
-            except BlockingIOError:
-                return
-            except OSError:
-                self.remove(container_id)
-                return
-            # The eventfd also fires when the cgroup is removed: that is the end, not an OOM.
-            if not os.path.exists(f"{memory}/memory.oom_control"):
-                self.remove(container_id)
-                return
-            self._notify(container_id)
-
-        loop.add_reader(efd, ready)
-        return stop
-
-    def _watch_v2(self, container_id: str, memory: str) -> Callable[[], None]:
-        loop = asyncio.get_running_loop()
-        events_file = f"{memory}/memory.events"
-        fd = _oom_inotify(events_file)
-        last = _flat_keyed(events_file).get("oom_kill", 0)
-
-        def stop() -> None:
-            loop.remove_reader(fd)
-            os.close(fd)
-
-        def ready() -> None:
-            nonlocal last
-            try:
-                data = os.read(fd, 4096)
-            except BlockingIOError:
-                return
-            ignored = any(
-                _INOTIFY_EVENT.unpack_from(data, off)[1] & _IN_IGNORED for off in _event_offsets(data)
-            )
-            count = _flat_keyed(events_file).get("oom_kill", 0)
-            if count > last:
-                last = count
-                self._notify(container_id)
-            if ignored:  # the file (cgroup) is gone
-                self.remove(container_id)
-
-        loop.add_reader(fd, ready)
-        return stop
-
-
-def _event_offsets(data: bytes) -> list[int]:
-    offsets, off = [], 0
-    while off + _INOTIFY_EVENT.size <= len(data):
-        offsets.append(off)
-        off += _INOTIFY_EVENT.size + _INOTIFY_EVENT.unpack_from(data, off)[3]
-    return offsets
 
 
 def open_oom_fds(cgroup: Cgroup) -> tuple[dict[str, Any], list[int]] | None:

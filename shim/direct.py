@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyctr.shim")
 
-Result = dict[str, Any]
 _UNMOUNT_RETRIES = 50
 _UNMOUNT_PAUSE = 0.05
 
@@ -97,11 +96,6 @@ def runc(
 
 def _request(payload: bytes) -> dict[int, Any]:
     return dict(pw.fields(payload))
-
-
-def _str(fields: dict[int, Any], number: int) -> str:
-    value = fields.get(number, b"")
-    return value.decode() if isinstance(value, bytes) else ""
 
 
 def start(k: Keeper, job: Job, container: Container, proc: Proc) -> bool:

@@ -1,11 +1,11 @@
 """The keeper: the long-lived shim process, a plain epoll loop that runs as little Python as it can.
 
 Why: every page a forked shim writes is private to it (reference counts, 3.11's bytecode warm-up,
-dicts), so a long-lived process running asyncio, betterproto and the task service costs ~6 MiB per
-container (docs/benchmarks.md, "per-shim private memory"). The keeper does only what must outlive a
-request and what needs only one runc command (direct.py: an init's Start, Kill, Delete, Pause,
-Resume), and forks a short-lived **worker** (worker.py) for the rest; a worker's dirty pages die
-with it.
+dicts), so a long-lived process running asyncio, betterproto and the whole task service cost ~6 MiB
+per container (the shim's first design; docs/benchmarks.md, "per-shim private memory"). The keeper
+does only what must outlive a request and what needs only one runc command (direct.py: an init's
+Start, Kill, Delete, Pause, Resume), and forks a short-lived **worker** (worker.py) for the rest; a
+worker's dirty pages die with it.
 
 The keeper owns:
 * the ttrpc server on fd 3; it answers State, Wait, Connect, Shutdown, CloseIO and ResizePty itself
@@ -23,11 +23,12 @@ with one message, ``marshal`` of ``{"reply": bytes} | {"error": (code, message)}
 [(topic, type_url, value)] and ``"updates"`` (table changes), with the fds those updates name as
 SCM_RIGHTS. A worker that dies without answering fails its call (Unknown).
 
-Ordering (shim/service.py's guarantees, kept): while a Create or Start job runs, finished exits wait,
-so /tasks/create and /tasks/start (or exec-started) precede the exit; an exit is reported only after
-the process's output copies reached EOF (bounded) and the client read it (bounded), and Wait answers
-after /tasks/exit is queued; Delete of a process whose exit is half-reported waits for it (≤ 5 s),
-so /tasks/exit precedes /tasks/delete.
+Ordering, which the daemon and its clients rely on: while a Create or Start job runs, finished exits
+wait, so /tasks/create and /tasks/start (or exec-started) precede the exit (the Go shim's
+``eventSendMu``); an exit is reported only after the process's output copies reached EOF (bounded)
+and the client read it (bounded), so a client sees all output before Wait answers, and Wait answers
+only after /tasks/exit is queued; Delete of a process whose exit is half-reported waits for it
+(≤ 5 s), so /tasks/exit precedes /tasks/delete.
 """
 
 from __future__ import annotations
@@ -402,7 +403,20 @@ class OomWatch:
 
 
 class Publisher:
-    """Events/Forward to the daemon, one call at a time, in order; retried for up to ``budget`` s."""
+    """Events/Forward to the daemon, one call at a time, in order; retried for up to ``budget`` s.
+
+    Topics, in the order the shim emits them for one task (the daemon relies on it)::
+
+        /tasks/create -> /tasks/start -> [/tasks/exec-added -> /tasks/exec-started -> /tasks/exit (exec)]
+                      -> /tasks/exit -> /tasks/delete
+        /tasks/paused, /tasks/resumed, /tasks/oom whenever they happen
+
+    A failed send is retried on a fresh connection with a growing pause, for up to ``budget`` seconds
+    after the event was queued, then dropped (the Go shim gives up after about 20 s as well): the shim
+    keeps running while the daemon is down, and a restarted daemon re-reads task state instead of
+    replaying events. Each call carries the namespace in the ``containerd-namespace-ttrpc`` metadata
+    key and in the envelope.
+    """
 
     def __init__(self, keeper: Keeper, address: str, namespace: str, budget: float = 20.0) -> None:
         self.k = keeper

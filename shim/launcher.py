@@ -357,11 +357,11 @@ def _warm_up() -> None:
     import pyctr.shim.__main__  # noqa: F401
     from pyctr.api._pb.containerd import events
     from pyctr.api._pb.containerd.runc import v1 as runc_v1
-    from pyctr.api._pb.containerd.services.events.ttrpc import v1 as events_v1
     from pyctr.api._pb.containerd.task import v2 as task_v2
-    from pyctr.shim import server
+    from pyctr.shim import keeper, server
 
-    for module in (task_v2, events, runc_v1, events_v1):
+    # The messages the workers decode and encode (the keeper itself hand-encodes with pblite).
+    for module in (task_v2, events, runc_v1):
         for value in vars(module).values():
             if (
                 isinstance(value, type)
@@ -372,11 +372,8 @@ def _warm_up() -> None:
                     value.parse(bytes(value()))
     server.setup_logging(False)
     logging.getLogger("pyctr.shim").info("launcher warm-up")  # fd 2 is /dev/null here
-    if server.keeper_enabled():
-        from pyctr.shim import keeper
-
-        for failure in keeper.warm_up():
-            logging.getLogger("pyctr.shim").warning("launcher warm-up: %s", failure)
+    for failure in keeper.warm_up():
+        logging.getLogger("pyctr.shim").warning("launcher warm-up: %s", failure)
 
 
 def _write_pid(sockdir: str) -> str:
@@ -399,14 +396,11 @@ def serve_launcher(sockdir: str) -> None:
     import gc
 
     pid_file = _write_pid(sockdir)
-    # Everything a shim imports, now, so the forked shims share it (the server module pulls in the
-    # service, the generated messages, betterproto2 and uvloop).
+    # Everything a shim imports, now, so the forked shims share it (the keeper's modules, and the
+    # worker's: asyncio, the generated messages, betterproto2).
     import pyctr.shim.keeper
     import pyctr.shim.server
     import pyctr.shim.worker  # noqa: F401
-
-    with contextlib.suppress(ImportError):
-        import uvloop  # noqa: F401
 
     # Keep fd 3 free: the forked shim's listener goes there. And no cwd in some container's bundle.
     listener = socket.socket(fileno=os.dup(3))

@@ -1,37 +1,27 @@
-"""The reaper: the only code in the shim that waits for children, and the only way to spawn them.
+"""The worker's reaper: the only code in a worker that waits for children, and the only way to spawn
+them (the keeper reaps its own children in its epoll loop, keeper.py).
 
-Why a thread: the shim is a child subreaper, so container inits (orphaned when ``runc create`` exits)
-and ``runc exec --detach`` processes become its children, and every one must be reaped. uvloop refuses
-``add_signal_handler(SIGCHLD)`` (RuntimeError: "it is used by the event loop to track subprocesses"),
-and asyncio's child watchers wait for their own pids only. So one daemon thread blocks in
-``waitid(P_ALL, WEXITED)`` and hands each exit to the loop with ``call_soon_threadsafe``. No
-``subprocess`` or ``asyncio.create_subprocess_*`` in the serving process: their own ``waitpid(pid)``
-would race this one. Children are started with ``os.posix_spawn`` (vfork-based, safe with threads).
+Why a thread: a worker drives runc from an asyncio loop, and every runc command it starts must be
+reaped exactly once. One daemon thread blocks in ``waitid(P_ALL, WEXITED)`` and hands each exit to
+the loop with ``call_soon_threadsafe``. No ``subprocess`` or ``asyncio.create_subprocess_*`` in a
+worker: their own ``waitpid(pid)`` would race this one. Children are started with
+``os.posix_spawn`` (vfork-based, safe with threads).
 
-Why it is race-free:
-* a command we spawn is registered (pid -> future) on the loop thread right after ``posix_spawn``
-  returns, before the loop can run the exit callback the thread posts for it;
-* a process whose pid we learn later (container init, exec processes: from runc's pid files) may
-  exit before we read the file. Callers open a :class:`Subscription` before running runc; every exit
-  nobody claims is recorded in each open subscription, and the caller closes the subscription and
-  registers the pid in one synchronous step, so an exit lands either in the subscription or with the
-  registered owner. This is containerd 1.7's ``exitSubscribers`` scheme.
-* exits nobody claims outside a subscription are re-parented grandchildren; reaping them is all
-  there is to do.
+Why it is race-free: a command we spawn is registered (pid -> future) on the loop thread right after
+``posix_spawn`` returns, before the loop can run the exit callback the thread posts for it. Any other
+exit is reaped and dropped: a worker is not a subreaper, so the container processes runc forks are
+re-parented to the keeper, which owns their exits.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-log = logging.getLogger(__name__)
 
 # Signals Python ignores in-process; a spawned child must start with the default action (runc and the
 # container processes expect SIGPIPE to kill them).
@@ -45,44 +35,18 @@ class Exit:
     timestamp: float  # Unix time the reaper collected it
 
 
-class Subscription:
-    """Collects unclaimed exits while it is open (see the module docstring)."""
-
-    def __init__(self, reaper: Reaper) -> None:
-        self._reaper = reaper
-        self.exits: list[Exit] = []
-
-    def close(self) -> list[Exit]:
-        self._reaper._subscriptions.discard(self)
-        return self.exits
-
-    def __enter__(self) -> Subscription:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
 class Reaper:
-    """Spawns children and delivers every exit, on the loop thread."""
+    """Spawns children and delivers their exits, on the loop thread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._waiters: dict[int, asyncio.Future[Exit]] = {}
-        self._subscriptions: set[Subscription] = set()
-        # Owner of container processes: returns True when it claimed the exit.
-        self.on_exit: Callable[[Exit], bool] = lambda _exit: False
         self._kick = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="reaper", daemon=True)
         self._thread.start()
-
-    def subscribe(self) -> Subscription:
-        sub = Subscription(self)
-        self._subscriptions.add(sub)
-        return sub
 
     def spawn(
         self,
@@ -123,18 +87,8 @@ class Reaper:
 
     def _dispatch(self, exit: Exit) -> None:
         fut = self._waiters.pop(exit.pid, None)
-        if fut is not None:
-            if not fut.done():
-                fut.set_result(exit)
-            return
-        try:
-            if self.on_exit(exit):
-                return
-        except Exception:
-            log.exception("reaper: exit handler failed for pid %d", exit.pid)
-            return
-        for sub in self._subscriptions:
-            sub.exits.append(exit)
+        if fut is not None and not fut.done():
+            fut.set_result(exit)
 
     def _run(self) -> None:
         while True:

@@ -202,9 +202,6 @@ class Runc:
             args.append("--no-new-keyring")
         await self._run([*args, id], stdio=stdio)
 
-    async def start(self, id: str) -> None:
-        await self._run(["start", id])
-
     async def exec(
         self,
         id: str,
@@ -225,17 +222,8 @@ class Runc:
         finally:
             os.close(fd)
 
-    async def kill(self, id: str, signal: int, *, all: bool = False) -> None:
-        await self._run(["kill", *(["--all"] if all else []), id, str(signal)])
-
     async def delete(self, id: str, *, force: bool = False) -> None:
         await self._run(["delete", *(["--force"] if force else []), id])
-
-    async def pause(self, id: str) -> None:
-        await self._run(["pause", id])
-
-    async def resume(self, id: str) -> None:
-        await self._run(["resume", id])
 
     async def ps(self, id: str) -> list[int]:
         out = await self._run(["ps", "--format", "json", id])

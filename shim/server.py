@@ -1,34 +1,24 @@
-"""The serving shim process: subreaper, log FIFO as stderr, Task service over ttrpc on fd 3.
+"""The serving shim process: subreaper, log FIFO as stderr, then the keeper on fd 3.
 
 Start-up order (runtime/v2/shim/shim.go): become a child subreaper before any container process can
 be orphaned to us; point stderr at the bundle's ``log`` FIFO (the daemon holds it open O_RDWR and
-copies it to its own log); then hand over to the keeper (keeper.py, the default), or start the
-reaper thread and serve the asyncio task service (``PYCTR_SHIM_KEEPER=0``). SIGTERM/SIGINT stop the server and exit,
-leaving containers running; the ``Shutdown`` RPC exits only when no container is left. On exit the
-socket named in ``address`` is removed and queued events get up to 5 s to reach the daemon.
+copies it to its own log); then hand over to the keeper (keeper.py). SIGTERM/SIGINT stop the server
+and exit, leaving containers running; the ``Shutdown`` RPC exits only when no container is left. On
+exit the socket named in ``address`` is removed and queued events get up to 5 s to reach the daemon.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import ctypes
 import errno
 import logging
 import os
-import signal
 import socket
-import sys
 import time
 from typing import NoReturn
 
-from pyctr.api import ttrpc
 from pyctr.shim import address as shim_address
-from pyctr.shim.events import Publisher
-from pyctr.shim.reaper import Reaper
-from pyctr.shim.service import TASK_SERVICE, TaskService
-
-log = logging.getLogger("pyctr.shim")
+from pyctr.shim import keeper
 
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NAME = 15
@@ -99,14 +89,6 @@ def setup_logging(debug: bool) -> None:
     root.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
 def listener(socket_flag: str) -> socket.socket:
     if socket_flag:
         return shim_address.new_socket(socket_flag if "://" in socket_flag else "unix://" + socket_flag)
@@ -116,64 +98,11 @@ def listener(socket_flag: str) -> socket.socket:
     return sock
 
 
-async def _serve(namespace: str, address: str, socket_flag: str, bundle: str) -> None:
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-
-    reaper = Reaper(loop)
-    reaper.start()
-    publisher = Publisher(os.environ.get("TTRPC_ADDRESS", ""), namespace)
-    publisher.start()
-    service = TaskService(
-        namespace=namespace,
-        address=address,
-        reaper=reaper,
-        publisher=publisher,
-        shutdown=stop.set,
-    )
-    server = ttrpc.Server()
-    server.register(TASK_SERVICE, service.methods())
-    sock = listener(socket_flag)
-    sock.setblocking(False)
-    await server.serve_socket(sock)
-    log.debug("serving %s (pid %d)", TASK_SERVICE, os.getpid())
-
-    await stop.wait()
-    # Running calls (the Shutdown that got us here) answer first; the rest are cut off.
-    await server.shutdown(grace=1.0)
-    service.close()
-    with contextlib.suppress(OSError):
-        shim_address.remove_socket(shim_address.read_address(os.path.join(bundle, "address")))
-    if socket_flag:
-        shim_address.remove_socket(socket_flag)
-    await publisher.close(grace=5.0)
-
-
-def keeper_enabled() -> bool:
-    """The keeper + workers design (keeper.py) unless PYCTR_SHIM_KEEPER=0 selects the asyncio server."""
-    return os.environ.get("PYCTR_SHIM_KEEPER", "1") != "0"
-
-
 def serve(namespace: str, address: str, socket_flag: str = "", debug: bool = False) -> NoReturn:
     """The shim's main loop; never returns. The working directory is the bundle."""
     bundle = os.getcwd()
     set_subreaper()
     open_log_fifo(bundle)
     setup_logging(debug)
-    if keeper_enabled():
-        from pyctr.shim import keeper
-
-        keeper.serve(namespace, address, listener(socket_flag), bundle, socket_flag)
-    loop = new_event_loop()
-    code = 0
-    try:
-        loop.run_until_complete(_serve(namespace, address, socket_flag, bundle))
-    except Exception:
-        log.exception("shim failed")
-        code = 1
-    with contextlib.suppress(Exception):
-        sys.stderr.flush()
-    # No interpreter teardown: the reaper thread sits in waitid and nothing else needs flushing.
-    os._exit(code)
+    keeper.serve(namespace, address, listener(socket_flag), bundle, socket_flag)
+    raise AssertionError("keeper.serve returned")  # for the type checker: it never returns

@@ -18,6 +18,9 @@ from typing import Any
 
 from pyctr.shim.process.state import EXEC, INIT, State, Table, Transitions
 
+# Exit status reported for an exec whose ``runc exec`` failed (it never ran).
+START_FAILED_STATUS = 255
+
 
 @dataclass(slots=True)
 class Exit:

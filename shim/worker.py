@@ -54,17 +54,22 @@ from pyctr.api.errdefs import (
     to_status,
 )
 from pyctr.shim import cgroups, mount
-from pyctr.shim.bundle import INIT_PID_FILE, kill_all_on_exit, read_pid_file, runc_root, write_bundle_files
+from pyctr.shim.bundle import (
+    INIT_PID_FILE,
+    kill_all_on_exit,
+    parse_runc_options,
+    read_pid_file,
+    runc_root,
+    write_bundle_files,
+)
 from pyctr.shim.container import mount_rootfs
 from pyctr.shim.events import type_url
 from pyctr.shim.io import ConsoleSocket, ProcessIO, Stdio
-from pyctr.shim.process.exec import START_FAILED_STATUS
 from pyctr.shim.process.init import runtime_error, unmount_rootfs
 from pyctr.shim.process.state import Op
 from pyctr.shim.reaper import Reaper
 from pyctr.shim.runc import Runc, RuncError
-from pyctr.shim.service import parse_runc_options
-from pyctr.shim.table import Container, Proc
+from pyctr.shim.table import START_FAILED_STATUS, Container, Proc
 
 if TYPE_CHECKING:
     from pyctr.shim.keeper import Job, Keeper
@@ -205,7 +210,7 @@ class Worker:
             desc, fds = io.hand_over(master)
             pid = read_pid_file(pid_file)
         except BaseException:
-            await io.close()
+            io.close()
             raise
         finally:
             if console is not None:

@@ -1,1 +1,2 @@
-"""Container processes: the init process, exec'd processes, and the state table they share."""
+"""Container processes: the state table of init and exec processes (state.py), runc's errors and the
+rootfs unmount (init.py)."""

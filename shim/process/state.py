@@ -5,20 +5,17 @@ operation succeeds (the same state for operations that change nothing), a :class
 the runc shim answers with. The error texts are containerd's (``pkg/process/*_state.go``); most are
 plain errors, i.e. ttrpc Unknown, and those on a deleted process are NotFound.
 
-The exit of a process is the ``EXIT`` operation: it is never refused. An operation that awaited runc
-commits its target state only if no exit arrived meanwhile (:meth:`Lifecycle.commit`), so an init that
-dies during ``runc start`` stays STOPPED.
+The exit of a process is the ``EXIT`` operation: it is never refused. An operation that waited for runc
+commits its target state only if no exit arrived meanwhile (:meth:`Transitions.commit`), so an init
+that dies during ``runc start`` stays STOPPED.
 """
 
 from __future__ import annotations
 
-import asyncio
 import enum
 from dataclasses import dataclass
-from typing import Protocol
 
 from pyctr.api.errdefs import ContainerdError, NotFound, Unknown
-from pyctr.shim.reaper import Subscription
 
 
 class State(enum.Enum):
@@ -154,17 +151,8 @@ def transition(table: Table, state: State, op: Op) -> State:
     return target
 
 
-class Monitor(Protocol):
-    """What a process needs from the service to learn about its own exit (see reaper.Subscription)."""
-
-    def subscribe(self) -> Subscription: ...
-
-    def register(self, pid: int, process: Lifecycle, subscription: Subscription | None) -> None: ...
-
-
 class Transitions:
-    """The state moves every process record makes, whoever keeps it: the asyncio shim's
-    :class:`Lifecycle` and the keeper's ``table.Proc``. The record provides the attributes."""
+    """The state moves of a process record (the keeper's ``table.Proc``, which provides the attributes)."""
 
     state: State
     exit_status: int
@@ -178,8 +166,8 @@ class Transitions:
         return transition(self.table, self.state, op)
 
     def commit(self, before: State, after: State) -> None:
-        """Enters ``after`` unless the state moved on meanwhile (an exit came while the operation
-        awaited, or while a worker ran)."""
+        """Enters ``after`` unless the state moved on meanwhile (an exit came while runc or a worker
+        ran)."""
         if self.state is before:
             self.state = after
 
@@ -191,30 +179,3 @@ class Transitions:
         self.exited_at = timestamp
         self.state = self.check(Op.EXIT)
         return True
-
-
-class Lifecycle(Transitions):
-    """State, exit status and waiters shared by init and exec processes."""
-
-    table: Table = INIT
-
-    def __init__(self, id: str) -> None:
-        self.id = id
-        self.pid = 0
-        self.state = State.CREATED
-        self.exit_status = 0
-        self.exited_at: float | None = None
-        # One operation at a time per process (the Go shim's per-process mutex); exits bypass it.
-        self.lock = asyncio.Lock()
-        self._done = asyncio.Event()
-
-    def release(self) -> None:
-        """Lets Wait answer: called after the output is flushed and the exit event is queued."""
-        self._done.set()
-
-    @property
-    def released(self) -> bool:
-        return self._done.is_set()
-
-    async def wait(self) -> None:
-        await self._done.wait()

@@ -1,18 +1,23 @@
 """Pure parts of the shim: flags, socket addresses, wire helpers, the state table, cgroup readers,
-mount options; plus the reaper and the start/delete actions as separate processes."""
+mount options; the keeper's event publisher in-process; plus the reaper and the start/delete actions
+as separate processes."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from pyctr.api import pblite as pw
+from pyctr.api import ttrpc
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api.errdefs import NotFound, Unknown
 from pyctr.shim import address, cgroups, mount
@@ -280,33 +285,32 @@ def test_long_overlay_lowerdirs_are_compacted(tmp_path: object) -> None:
 
 REAPER_SCRIPT = textwrap.dedent(
     """
-    import asyncio, os, time
+    import asyncio, os
     from pyctr.shim.server import set_subreaper
     from pyctr.shim.reaper import Reaper
 
     async def main():
         set_subreaper()
         reaper = Reaper(asyncio.get_running_loop())
-        claimed = []
-        reaper.on_exit = lambda e: e.pid in owned and not claimed.append(e)
-        owned = set()
         reaper.start()
         _, done = reaper.spawn(["sh", "-c", "exit 4"])
         assert (await done).status == 4
         _, done = reaper.spawn(["sh", "-c", "kill -9 $$"])
         assert (await done).status == 137
-        # An orphan (re-parented to us) exits while a subscription is open: it is recorded there.
-        sub = reaper.subscribe()
+        # An orphan (re-parented to us) is nobody's command: it is reaped all the same, no zombie.
         r, w = os.pipe()
         _, done = reaper.spawn(["sh", "-c", "sleep 0.2 & echo $!"], stdio=(0, w, 2))
         os.close(w)
         await done
         orphan = int(os.read(r, 100))
-        await asyncio.sleep(0.5)
-        assert [e.pid for e in sub.close()] == [orphan], sub.exits
-        # Once registered, the owner claims the exit instead.
-        _, done = reaper.spawn(["sh", "-c", "sleep 0.2 & echo $!"], stdio=(0, os.dup(1), 2))
-        await done
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if not os.path.exists(f"/proc/{orphan}"):
+                break
+        assert not os.path.exists(f"/proc/{orphan}"), orphan
+        # The thread found no children left meanwhile (ECHILD): a new command still reports its exit.
+        _, done = reaper.spawn(["true"])
+        assert (await done).status == 0
         print("ok")
 
     asyncio.run(main())
@@ -314,7 +318,7 @@ REAPER_SCRIPT = textwrap.dedent(
 )
 
 
-def test_reaper_claims_buffers_and_reports_signals() -> None:
+def test_reaper_reports_signals_and_reaps_orphans() -> None:
     result = subprocess.run([sys.executable, "-c", REAPER_SCRIPT], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("ok")
@@ -393,41 +397,131 @@ def test_serve_on_a_socket_flag_answers_connect(tmp_path: object) -> None:
         proc.wait()
 
 
-def test_publisher_retries_in_order_until_the_daemon_listens(tmp_path: object) -> None:
-    import asyncio
+class _Events:
+    """A daemon's Events/Forward endpoint, recording (topic, type URL, namespace) of what it takes;
+    the first ``refuse`` calls are answered UNAVAILABLE."""
 
-    from pyctr.api import ttrpc
-    from pyctr.api._pb.containerd import events as ev
-    from pyctr.api._pb.containerd.services.events.ttrpc.v1 import ForwardRequest
-    from pyctr.shim.events import Publisher
+    def __init__(self, refuse: int = 0) -> None:
+        self.received: list[tuple[str, str, str | None]] = []
+        self.refuse = refuse
+        self.calls = 0
 
-    path = os.path.join(str(tmp_path), "events.sock")
-    received: list[tuple[str, str, str | None]] = []
+    async def forward(self, payload: bytes, ctx: ttrpc.Context) -> bytes:
+        from pyctr.api._pb.containerd.services.events.ttrpc.v1 import ForwardRequest
+        from pyctr.api.errdefs import Unavailable
 
-    async def forward(payload: bytes, ctx: ttrpc.Context) -> bytes:
+        self.calls += 1
+        if self.calls <= self.refuse:
+            raise Unavailable("daemon busy")
         envelope = ForwardRequest.parse(payload).envelope
         assert envelope is not None and envelope.event is not None
-        received.append((envelope.topic, envelope.event.type_url, ctx.namespace))
+        self.received.append((envelope.topic, envelope.event.type_url, ctx.namespace))
         return b""
 
-    async def main() -> None:
-        publisher = Publisher(path, "ns", budget=10)
-        publisher.start()
-        publisher.publish("/tasks/start", ev.TaskStart(container_id="c", pid=1))
-        publisher.publish("/tasks/oom", ev.TaskOom(container_id="c"))
-        await asyncio.sleep(0.5)  # nobody listens yet: the sender retries
+    async def serve(self, path: str) -> ttrpc.Server:
         server = ttrpc.Server()
-        server.register("containerd.services.events.ttrpc.v1.Events", {"Forward": forward})
+        server.register("containerd.services.events.ttrpc.v1.Events", {"Forward": self.forward})
         await server.serve_unix(path)
-        await publisher.close(grace=5)
-        server.close()
-        await server.wait_closed()
+        return server
+
+
+@contextlib.contextmanager
+def _keeper_publisher(path: str, budget: float) -> Iterator[tuple[Any, Callable[[], None]]]:
+    """The keeper's Publisher on a keeper that is not running, and one pass of the keeper's loop
+    (its fd handlers and due timers), for a test to drive between awaits of its own loop."""
+    import heapq
+    import socket
+
+    from pyctr.shim import keeper
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    k = keeper.Keeper("ns", "", listener, "/")
+    publisher = keeper.Publisher(k, path, "ns", budget=budget)
+
+    def turn() -> None:
+        for fd, events in k.ep.poll(0):
+            handler = k.handlers.get(fd)
+            if handler is not None:
+                handler(events)
+        now = time.monotonic()
+        while k.timers and k.timers[0][0] <= now:
+            _, _, fn, args = heapq.heappop(k.timers)
+            fn(*args)
+
+    try:
+        yield publisher, turn
+    finally:
+        publisher.drop_conn()
+        k.ep.close()
+        os.close(k.wake_r)
+        os.close(k.wake_w)
+        listener.close()
+
+
+async def _drive(turn: Callable[[], None], seconds: float, until: Callable[[], bool] = lambda: False) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + seconds
+    while not until() and time.monotonic() < deadline:
+        turn()
+        await asyncio.sleep(0.005)
+
+
+def _publish(publisher: Any, topic: str, event: Any) -> None:
+    from pyctr.shim.events import type_url
+
+    publisher.publish(topic, type_url(event), bytes(event))
+
+
+def test_keeper_publisher_retries_in_order_until_the_daemon_takes_them(tmp_path: object) -> None:
+    import asyncio
+
+    from pyctr.api._pb.containerd import events as ev
+
+    path = os.path.join(str(tmp_path), "events.sock")
+    daemon = _Events(refuse=1)
+
+    async def main() -> None:
+        with _keeper_publisher(path, budget=10) as (publisher, turn):
+            _publish(publisher, "/tasks/start", ev.TaskStart(container_id="c", pid=1))
+            _publish(publisher, "/tasks/oom", ev.TaskOom(container_id="c"))
+            await _drive(turn, 0.5)  # nobody listens yet: the sender retries
+            assert not publisher.idle
+            server = await daemon.serve(path)
+            await _drive(turn, 10, lambda: publisher.idle)
+            server.close()
+            await server.wait_closed()
 
     asyncio.run(main())
-    assert received == [
+    assert daemon.calls == 3  # the first answer was UNAVAILABLE: /tasks/start went again
+    assert daemon.received == [
         ("/tasks/start", "containerd.events.TaskStart", "ns"),
         ("/tasks/oom", "containerd.events.TaskOOM", "ns"),
     ]
+
+
+def test_keeper_publisher_drops_an_event_after_its_budget(tmp_path: object) -> None:
+    import asyncio
+
+    from pyctr.api._pb.containerd import events as ev
+
+    path = os.path.join(str(tmp_path), "events.sock")
+    daemon = _Events()
+
+    async def main() -> None:
+        with _keeper_publisher(path, budget=0.5) as (publisher, turn):
+            _publish(publisher, "/tasks/exit", ev.TaskExit(container_id="c", id="c", pid=1))
+            started = time.monotonic()
+            await _drive(turn, 5, lambda: publisher.idle)
+            assert publisher.idle and time.monotonic() - started < 2  # given up, not delivered
+            server = await daemon.serve(path)
+            _publish(publisher, "/tasks/oom", ev.TaskOom(container_id="c"))  # the next one still goes
+            await _drive(turn, 5, lambda: publisher.idle)
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(main())
+    assert daemon.received == [("/tasks/oom", "containerd.events.TaskOOM", "ns")]
 
 
 def test_launcher_notices_new_code_within_its_interval(tmp_path: str) -> None:
