@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyctr.api import pblite as pw
 from pyctr.api.errdefs import FailedPrecondition, NotFound, Unknown
-from pyctr.shim import cgroups, mount
-from pyctr.shim.bundle import find_binary
+from pyctr.shim import mount
 from pyctr.shim.process.init import kill_error, runtime_error
 from pyctr.shim.process.state import Op
 from pyctr.shim.runc import RuncError, command_line, log_size, logged_error
@@ -64,10 +63,7 @@ def runc(
     (worded as :class:`pyctr.shim.runc.Runc` words it). ``done`` runs guarded for ``job``."""
     done = guard(k, job, done)
     cfg = container.config
-    command = cfg.get("command") or "runc"
-    binary = k.binaries.get(command)
-    if binary is None:
-        binary = k.binaries[command] = find_binary(command)
+    binary = cfg.get("command") or "runc"  # resolved by the Create worker
     log_file = cfg["log"]
     argv = command_line(
         binary, cfg["root"], log_file, cfg.get("systemd_cgroup", False), cfg.get("criu", ""), args
@@ -107,24 +103,15 @@ def start(k: Keeper, job: Job, container: Container, proc: Proc) -> bool:
         if err is not None:
             k.finish_error(job, runtime_error(err, "OCI runtime start failed"))
             return
-        updates: list[tuple[Any, ...]] = [("state", container.id, "", before.value, after.value)]
-        fds: list[int] = []
-        cgroup = container.config.get("cgroup") or cgroups.describe(proc.pid)
-        if cgroup is not None:
-            updates.append(("config", container.id, {"cgroup": cgroup}))
-            opened = cgroups.oom_watch(cgroup)
-            if opened is not None:
-                desc, fds = opened
-                updates.append(("oom", container.id, desc, list(range(len(fds)))))
+        # The cgroup and its OOM watch come with Create (worker.py): nothing else to do here.
         event = pw.string(1, container.id) + pw.uint(2, proc.pid)
         k.finish(
             job,
             {
                 "reply": pw.uint(1, proc.pid),
                 "events": [("/tasks/start", "containerd.events.TaskStart", event)],
-                "updates": updates,
+                "updates": [("state", container.id, "", before.value, after.value)],
             },
-            fds,
         )
 
     runc(k, job, container, ["start", container.id], started)

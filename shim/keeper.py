@@ -555,7 +555,6 @@ class Keeper:
         self.spare: tuple[int, socket.socket] | None = None
         # Children the keeper runs itself (direct.py's runc calls): pid -> called with the exit status.
         self.children: dict[int, Callable[[int], None]] = {}
-        self.binaries: dict[str, str] = {}  # runc command -> resolved path
         self.env = runc_env()
         self.stopping = False
         self.creds = (os.geteuid(), os.getegid())
@@ -1104,8 +1103,6 @@ class Keeper:
             proc = container.execs[exec_id]
             proc.mark_exited(status, ts)
             self.release(proc)
-        elif kind == "config":
-            container.config.update(update[2])
         elif kind == "oom":
             _, _, desc, indexes = update
             if container.oom is None:

@@ -17,7 +17,6 @@ Updates (applied by the keeper, in order; direct.py reports its changes the same
     ("started", container_id, exec_id, pid, io | None)
     ("state", container_id, exec_id, before, after)     entered only if still in ``before``
     ("failed", container_id, exec_id, status, time)     an exec that never ran
-    ("config", container_id, {...})                     e.g. the cgroup once it is known
     ("oom", container_id, {v2, path, last}, [fd indexes])
     ("deleted", container_id, exec_id)
 
@@ -280,7 +279,10 @@ class Worker:
 
                     logging.getLogger(__name__).warning("failed to cleanup rootfs mount %s: %s", rootfs, exc)
             raise
-        config["cgroup"] = cgroups.describe(pid)
+        # The cgroup exists from runc create on: it is found, and its OOM fds opened, here rather
+        # than at Start, so the keeper's Start (direct.py) runs nothing but runc.
+        config["cgroup"] = cgroup = cgroups.describe(pid)
+        config["command"] = runc.command  # resolved on PATH once, here
         record = {
             "id": req.id,
             "bundle": req.bundle,
@@ -293,6 +295,11 @@ class Worker:
             "config": config,
         }
         self.updates.append(("container", record, desc))
+        opened = cgroups.oom_watch(cgroup) if cgroup is not None else None
+        if opened is not None:
+            oom, fds = opened
+            base = self.add_fds(fds)
+            self.updates.append(("oom", req.id, oom, [base + i for i in range(len(fds))]))
         io_event = ev.TaskIo(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
         self.publish(
             "/tasks/create",
