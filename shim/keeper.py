@@ -33,6 +33,7 @@ only after /tasks/exit is queued; Delete of a process whose exit is half-reporte
 
 from __future__ import annotations
 
+import _signal
 import collections
 import contextlib
 import errno
@@ -75,6 +76,10 @@ _STATUS = {
     State.DELETED: 3,
 }
 _PAUSING = 5
+# Plain ints and the C-level signal(): signal.signal wraps its result in an enum, code every keeper
+# would otherwise run (and carry as copied pages) for nothing.
+_SIGCHLD, _SIGTERM, _SIGINT = int(signal.SIGCHLD), int(signal.SIGTERM), int(signal.SIGINT)
+_HANDLED = (_SIGCHLD, _SIGTERM, _SIGINT)
 _RETRYABLE = {Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED, Code.CANCELLED}
 # Output copies get this long to reach EOF once their process exited (a left-behind child may hold
 # the pipe), and the client this long to read what is still in its FIFO.
@@ -113,8 +118,10 @@ def _time(ts: float | None) -> bytes | None:
 
 def _close(fd: int) -> None:
     if fd >= 0:
-        with contextlib.suppress(OSError):
+        try:
             os.close(fd)
+        except OSError:
+            pass
 
 
 class Conn:
@@ -572,8 +579,10 @@ class Keeper:
 
     def unwatch(self, fd: int) -> None:
         if self.handlers.pop(fd, None) is not None:
-            with contextlib.suppress(OSError):
+            try:
                 self.ep.unregister(fd)
+            except OSError:
+                pass
 
     def spawn(self, argv: list[str], out: int, exited: Callable[[int], None]) -> None:
         """Starts ``argv`` with stdin /dev/null and stdout+stderr ``out``; ``exited(status)`` once reaped.
@@ -602,15 +611,17 @@ class Keeper:
 
     def run(self) -> None:
         signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _ignore)
+        for sig in _HANDLED:
+            _signal.signal(sig, _ignore)
         self.watch(self.wake_r, _IN, self.on_signal)
         self.listener.setblocking(False)
         self.watch(self.listener.fileno(), _IN, self.on_accept)
         self.reap()
         if not self.table.containers:
-            with contextlib.suppress(OSError):
+            try:
                 self.spare = self.fork_worker(None)
+            except OSError:
+                pass
         deadline = 0.0
         while True:
             if self.stopping:
@@ -653,9 +664,9 @@ class Keeper:
             data = os.read(self.wake_r, 512)
         except BlockingIOError:
             return
-        if signal.SIGTERM in data or signal.SIGINT in data:
+        if _SIGTERM in data or _SIGINT in data:
             self.stopping = True
-        if signal.SIGCHLD in data:
+        if _SIGCHLD in data:
             self.reap()
 
     def reap(self) -> None:
@@ -727,7 +738,9 @@ class Keeper:
 
     def on_accept(self, _events: int) -> None:
         try:
-            sock, _ = self.listener.accept()
+            # _accept, not accept: the latter builds the socket's family and type enums on the way.
+            fd, _ = self.listener._accept()  # type: ignore[attr-defined]
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, 0, fd)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -956,8 +969,11 @@ class Keeper:
         if spare is not None:
             # Its copy of the table is the one at its fork: good for a first Create only.
             if job.method == "Create" and not self.table.containers:
-                with contextlib.suppress(OSError):
+                try:
                     spare[1].send(marshal.dumps((job.method, job.payload)))
+                except OSError:
+                    pass
+                else:
                     job.pid, job.sock = spare
                     self.watch(job.sock.fileno(), _IN, self.on_result)
                     return
