@@ -634,14 +634,18 @@ class Keeper:
                 timeout = max(0.0, self.timers[0][0] - time.monotonic())
             if self.stopping:
                 timeout = min(timeout if timeout >= 0 else 0.1, 0.1)
-            for fd, events in self.ep.poll(timeout):
-                handler = self.handlers.get(fd)
-                if handler is not None:
-                    handler(events)
-            now = time.monotonic()
-            while self.timers and self.timers[0][0] <= now:
-                _, _, fn, args = heapq.heappop(self.timers)
-                fn(*args)
+            self.turn(timeout)
+
+    def turn(self, timeout: float) -> None:
+        """One pass of the loop: the ready fds' handlers, then the timers that are due."""
+        for fd, events in self.ep.poll(timeout):
+            handler = self.handlers.get(fd)
+            if handler is not None:
+                handler(events)
+        now = time.monotonic()
+        while self.timers and self.timers[0][0] <= now:
+            _, _, fn, args = heapq.heappop(self.timers)
+            fn(*args)
 
     def stop_serving(self) -> float:
         """SIGTERM or Shutdown: stop serving (containers keep running); events get 5 s to leave."""

@@ -429,7 +429,6 @@ class _Events:
 def _keeper_publisher(path: str, budget: float) -> Iterator[tuple[Any, Callable[[], None]]]:
     """The keeper's Publisher on a keeper that is not running, and one pass of the keeper's loop
     (its fd handlers and due timers), for a test to drive between awaits of its own loop."""
-    import heapq
     import socket
 
     from pyctr.shim import keeper
@@ -438,18 +437,8 @@ def _keeper_publisher(path: str, budget: float) -> Iterator[tuple[Any, Callable[
     k = keeper.Keeper("ns", "", listener, "/")
     publisher = keeper.Publisher(k, path, "ns", budget=budget)
 
-    def turn() -> None:
-        for fd, events in k.ep.poll(0):
-            handler = k.handlers.get(fd)
-            if handler is not None:
-                handler(events)
-        now = time.monotonic()
-        while k.timers and k.timers[0][0] <= now:
-            _, _, fn, args = heapq.heappop(k.timers)
-            fn(*args)
-
     try:
-        yield publisher, turn
+        yield publisher, lambda: k.turn(0)
     finally:
         publisher.drop_conn()
         k.ep.close()
