@@ -16,11 +16,11 @@ How, per daemon (one launcher per shim socket directory, ``<dir>/pyrunc-launcher
 * Request (one SOCK_SEQPACKET message): JSON ``{"argv", "cwd", "env"}`` plus the shim's listening
   socket as SCM_RIGHTS. Reply: ``{"pid": N}`` or ``{"error": "..."}``; ``"stale"`` means the code on
   disk changed since the launcher started (it exits, and ``start`` spawns a new one).
-* The launcher forks (a bare ``fork(2)``, see :func:`_bare_fork`) a child that calls ``setsid`` and
-  forks the shim the same way, then exits: the shim is re-parented (to init or the nearest
-  subreaper) exactly as an exec'd one would be, and the launcher never has to reap it. The shim
-  chdirs to the bundle, takes the requested environment, puts the listener on fd 3 and /dev/null on
-  0-2, and runs :func:`pyctr.shim.server.serve`.
+* The launcher forks the shim (a bare ``fork(2)``, see :func:`_bare_fork`), which calls ``setsid``.
+  The shim is the launcher's child while the launcher lives (SIGCHLD is ignored there, so the
+  kernel reaps a shim that exits) and is re-parented to init or the nearest subreaper when the
+  launcher exits. The shim chdirs to the bundle, takes the requested environment, puts the listener
+  on fd 3 and /dev/null on 0-2, and runs :func:`pyctr.shim.server.serve`.
 * The launcher is single-threaded and never runs an event loop, so forking it is safe. It exits after
   ``PYCTR_SHIM_LAUNCHER_IDLE`` seconds (default 600) without a request; shims it forked keep sharing
   pages with each other after it is gone.
@@ -30,11 +30,13 @@ Anything going wrong raises :class:`Unavailable`, and ``start`` falls back to a 
 
 from __future__ import annotations
 
+import _signal
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -229,6 +231,7 @@ def _bare_fork() -> int:
 
 
 _libc_fork: Any = None
+_SIGCHLD = int(signal.SIGCHLD)
 
 
 def _bare_fork_function() -> Any:
@@ -244,31 +247,25 @@ def _bare_fork_function() -> Any:
 
 
 def _fork_shim(request: dict[str, Any], listen_fd: int, close: list[socket.socket]) -> int:
+    """Forks the shim (in a session of its own) and returns its pid at once.
+
+    One fork, not the classic two: the shim stays our child while we live, and the kernel reaps it
+    when it exits (SIGCHLD is ignored here, see :func:`serve_launcher`). A second fork would copy
+    the launcher's page tables again and make us wait for the middle process (~1.5 ms per shim).
+    """
     if threading.active_count() > 1:  # never expected: then only the full fork is safe
         fork = os.fork
     else:
         fork = _bare_fork
-    r, w = os.pipe()
-    child = fork()
-    if child == 0:
+    pid = fork()
+    if pid == 0:
         try:
-            os.close(r)
+            _signal.signal(_SIGCHLD, _signal.SIG_DFL)  # ours is SIG_IGN; the keeper reaps its own
             os.setsid()
-            shim = fork()
-            if shim:
-                os.write(w, str(shim).encode())
-                os._exit(0)
-            os.close(w)
             _become_shim(request, listen_fd, close)
         finally:
             os._exit(1)
-    os.close(w)
-    os.waitpid(child, 0)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    if not data:
-        raise OSError("launcher: the forked shim did not start")
-    return int(data)
+    return pid
 
 
 class _Socket:
@@ -412,6 +409,8 @@ def serve_launcher(sockdir: str) -> None:
     _warm_up()
     _limit_malloc_arenas()
     _bare_fork_function()
+    # The shims are our children until we exit: the kernel reaps them, no zombie waits for us.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     gc.collect()
     gc.freeze()
     idle_limit = float(os.environ.get("PYCTR_SHIM_LAUNCHER_IDLE", "600"))
