@@ -65,6 +65,17 @@ def any_(type_url: str, value: bytes) -> bytes:
     return string(1, type_url) + string(2, value)
 
 
+def unpack_any(data: bytes) -> tuple[str, bytes]:
+    """(type_url, value) of a google.protobuf.Any body: :func:`any_` read back."""
+    url, value = "", b""
+    for number, raw in fields(data):
+        if number == 1 and isinstance(raw, bytes):
+            url = raw.decode()
+        elif number == 2 and isinstance(raw, bytes):
+            value = raw
+    return url, value
+
+
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:

@@ -172,12 +172,7 @@ def auth_request_host(data: bytes) -> str:
 
 def unpack_any(data: bytes) -> tuple[str, bytes]:
     """An Any's bare type name and value."""
-    url, value = "", b""
-    for number, v in pblite.fields(data):
-        if number == 1 and isinstance(v, bytes):
-            url = v.decode()
-        elif number == 2 and isinstance(v, bytes):
-            value = v
+    url, value = pblite.unpack_any(data)
     return url.removeprefix(_PREFIX), value
 
 

@@ -54,12 +54,7 @@ def group(bundle: str, id: str) -> str:
 
 def shim_cgroup(options: bytes) -> str:
     """Options.shim_cgroup from the binary Any containerd passes ("" when none)."""
-    url, value = "", b""
-    for number, raw in pw.fields(options):
-        if number == 1 and isinstance(raw, bytes):
-            url = raw.decode()
-        elif number == 2 and isinstance(raw, bytes):
-            value = raw
+    url, value = pw.unpack_any(options)
     if url.removeprefix("type.googleapis.com/") != _OPTIONS_URL:
         return ""
     for number, raw in pw.fields(value):

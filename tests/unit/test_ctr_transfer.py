@@ -157,3 +157,13 @@ def test_pull_imports_no_event_loop_grpclib_or_generated_code() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == ""
+
+
+def test_pblite_any_reads_back_what_it_writes() -> None:
+    """``unpack_any`` (the CLI's progress stream, the shim's start options) inverts ``any_``."""
+    assert pblite.unpack_any(pblite.any_("types.containerd.io/x.Y", b"\x08\x01")) == (
+        "types.containerd.io/x.Y",
+        b"\x08\x01",
+    )
+    assert pblite.unpack_any(b"") == ("", b"")
+    assert transfer.unpack_any(pblite.any_("type.googleapis.com/a.B", b"v")) == ("a.B", b"v")
