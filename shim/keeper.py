@@ -53,7 +53,7 @@ from typing import Any, NoReturn
 
 from pyctr.api import pblite as pw
 from pyctr.api import ttrpc
-from pyctr.api.errdefs import Code
+from pyctr.api.errdefs import Code, to_status
 from pyctr.shim import address as shim_address
 from pyctr.shim import direct
 from pyctr.shim.process.state import Op, State
@@ -827,8 +827,6 @@ class Keeper:
             self.fail(conn, sid, exc.code, exc.message)
             return
         except (ValueError, OSError) as exc:
-            from pyctr.api.errdefs import to_status
-
             code, message = to_status(exc)
             self.fail(conn, sid, code, message)
             return
@@ -1049,8 +1047,6 @@ class Keeper:
         if isinstance(exc, CallError):
             error = (exc.code, exc.message)
         else:
-            from pyctr.api.errdefs import to_status
-
             error = to_status(exc)
         self.finish(job, {"error": error})
 
