@@ -13,9 +13,12 @@ How, per daemon (one launcher per shim socket directory, ``<dir>/pyrunc-launcher
   binds the socket itself and spawns ``python -m pyctr.shim.launcher`` with the bound socket as
   fd 3 (so concurrent starts simply queue on the backlog). The launcher writes
   ``pyrunc-launcher.pid`` and removes it (and its socket) when it exits.
-* Request (one SOCK_SEQPACKET message): JSON ``{"argv", "cwd", "env"}`` plus the shim's listening
-  socket as SCM_RIGHTS. Reply: ``{"pid": N}`` or ``{"error": "..."}``; ``"stale"`` means the code on
-  disk changed since the launcher started (it exits, and ``start`` spawns a new one).
+* Request (one SOCK_SEQPACKET message): JSON ``{"argv", "cwd"}``, a newline, the environment as
+  sorted ``KEY=VALUE`` strings joined by NUL bytes, and the shim's listening socket as SCM_RIGHTS.
+  The launcher compares the environment with its own as one byte string; a shim that differs (a
+  request from another namespace, say) is handed only the variables to set and to unset.
+  Reply: ``{"pid": N}`` or ``{"error": "..."}``; ``"stale"`` means the code on disk changed since
+  the launcher started (it exits, and ``start`` spawns a new one).
 * The launcher forks the shim (a bare ``fork(2)``, see :func:`_bare_fork`), which calls ``setsid``.
   The shim is the launcher's child while the launcher lives (SIGCHLD is ignored there, so the
   kernel reaps a shim that exits) and is re-parented to init or the nearest subreaper when the
@@ -135,7 +138,7 @@ def launch(
     """Has the launcher of ``sockdir`` fork a shim serving ``listener_fd`` with ``env`` (default: ours)
     in ``cwd``; returns the shim's pid."""
     env = os.environ if env is None else env
-    request = json.dumps({"argv": argv, "cwd": cwd, "env": dict(env)}).encode()
+    request = json.dumps({"argv": argv, "cwd": cwd}).encode() + b"\n" + environment_block(env)
     try:
         for _ in range(2):
             with _connect_or_spawn(sockdir, timeout, env) as conn:
@@ -180,15 +183,52 @@ def _peer_uid(conn: socket.socket) -> int:
     return uid
 
 
-def _take_environment(env: dict[str, str]) -> None:
-    """Makes ``env`` the environment, touching only the variables that differ: rewriting all of
-    them (clear + update) costs every shim ~0.9 MiB of private memory (libc's environ and the
-    os.environ mapping are copied page by page)."""
-    for key in [key for key in os.environ if key not in env]:
-        del os.environ[key]
-    for key, value in env.items():
-        if os.environ.get(key) != value:
-            os.environ[key] = value
+def environment_block(env: Mapping[str, str]) -> bytes:
+    """``env`` as one byte string in a fixed order, so that equal environments are equal bytes."""
+    return b"\0".join(
+        f"{key}={value}".encode("utf-8", "surrogateescape") for key, value in sorted(env.items())
+    )
+
+
+class _Environment:
+    """The launcher's own environment, which nearly every request repeats byte for byte.
+
+    Why compare whole blocks: decoding a request's environment into a few dozen strings, and having
+    the shim compare each with ``os.environ``, wrote pages all over the launcher's heap (new objects
+    land in whatever free blocks its pools have; a page the launcher writes while a shim shares it
+    becomes that shim's private copy): ~0.15 MiB of private memory per shim.
+    """
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.block = environment_block(env)
+        self.values = dict(env)
+
+    def changes(self, block: bytes) -> tuple[dict[str, str], list[str]] | None:
+        """The variables a shim must set and unset to have ``block`` as its environment, or None."""
+        if block == self.block:
+            return None
+        wanted = {}
+        for item in filter(None, block.split(b"\0")):
+            key, sep, value = item.decode("utf-8", "surrogateescape").partition("=")
+            if not key or not sep:
+                raise ValueError(f"bad environment entry {item[:40]!r}")
+            wanted[key] = value
+        return {k: v for k, v in wanted.items() if self.values.get(k) != v}, [
+            k for k in self.values if k not in wanted
+        ]
+
+
+def _take_environment(changes: tuple[dict[str, str], list[str]] | None) -> None:
+    """Applies what :meth:`_Environment.changes` found: only the variables that differ. Rewriting
+    all of them (clear + update) cost every shim ~0.9 MiB of private memory (libc's environ and
+    the os.environ mapping are copied page by page)."""
+    if changes is None:
+        return
+    values, unset = changes
+    for key in unset:
+        os.environ.pop(key, None)
+    for key, value in values.items():
+        os.environ[key] = value
 
 
 def _become_shim(request: dict[str, Any], listen_fd: int, close: list[socket.socket]) -> None:
@@ -304,7 +344,19 @@ class _Freshness:
         return _fingerprint(self.tops) != self.fingerprint
 
 
-def _handle(conn: socket.socket, sock: _Socket, freshness: _Freshness) -> bool:
+def _parse_request(msg: bytes, own: _Environment) -> dict[str, Any]:
+    """argv and cwd, and the environment as changes to ours (``"env"``; None when it is ours)."""
+    head, sep, block = msg.partition(b"\n")
+    request = json.loads(head)
+    if not sep or not isinstance(request, dict) or not isinstance(request.get("argv"), list):
+        raise ValueError("a request is JSON {argv, cwd}, a newline and the environment")
+    if not isinstance(request.get("cwd"), str):
+        raise ValueError("a request needs a cwd")
+    request["env"] = own.changes(block)
+    return request
+
+
+def _handle(conn: socket.socket, sock: _Socket, freshness: _Freshness, own: _Environment) -> bool:
     """Serves one request; returns False when the launcher must exit (stale code)."""
     conn.settimeout(10)
     fds: list[int] = []
@@ -320,8 +372,10 @@ def _handle(conn: socket.socket, sock: _Socket, freshness: _Freshness) -> bool:
         if len(fds) != 1:
             conn.send(b'{"error": "expected one listening socket"}')
             return True
-        pid = _fork_shim(json.loads(msg), fds[0], [sock.listener, conn])
-        conn.send(json.dumps({"pid": pid}).encode())
+        request = _parse_request(msg, own)
+        del msg  # freed before the fork, not in the shim's lifetime
+        pid = _fork_shim(request, fds[0], [sock.listener, conn])
+        conn.send(b'{"pid": %d}' % pid)
     except (OSError, ValueError, KeyError) as exc:
         with contextlib.suppress(OSError):
             conn.send(json.dumps({"error": str(exc)}).encode())
@@ -406,6 +460,7 @@ def serve_launcher(sockdir: str) -> None:
     listener.set_inheritable(False)
     sock = _Socket(listener, os.path.join(sockdir, SOCKET_NAME))
     freshness = _Freshness(_source_dirs())
+    own = _Environment(os.environ)
     _warm_up()
     _limit_malloc_arenas()
     _bare_fork_function()
@@ -429,7 +484,7 @@ def serve_launcher(sockdir: str) -> None:
                 continue
             idle = 0.0
             with conn:
-                if not _handle(conn, sock, freshness):
+                if not _handle(conn, sock, freshness, own):
                     break
     finally:
         sock.release()

@@ -347,3 +347,41 @@ def test_fresh_interpreter_when_the_launcher_is_off(rootfs: str) -> None:
         os.close(out_fd)
 
     run(rootfs, body)
+
+
+REFUSING_RUNC = """#!/bin/sh
+prev=""
+for a in "$@"; do
+  [ "$prev" = --log ] && echo '{"level":"error","msg":"runc from the other PATH","time":"2026-01-01T00:00:00Z"}' >>"$a"
+  prev=$a
+done
+exit 1
+"""
+
+
+def test_each_shim_takes_the_environment_it_was_started_with(rootfs: str, tmp_path: str) -> None:
+    """The launcher forks shims from its own environment and hands each only what differs: a shim
+    started with another PATH (whose runc refuses) uses it, and the shims before and after it
+    keep the launcher's, whose runc works."""
+    bindir = str(tmp_path)
+    with open(os.path.join(bindir, "runc"), "w") as f:
+        f.write(REFUSING_RUNC)
+    os.chmod(os.path.join(bindir, "runc"), 0o755)
+
+    async def body(s: ShimSession) -> None:
+        for id in ("e1", "e2", "e3"):
+            s.bundle(id, ["sleep", "1000"])
+        first = await s.connect("e1")  # spawns the launcher, with the session's environment
+        other = await s.connect("e2", extra_env={"PATH": f"{bindir}:{s.env()['PATH']}", "PYCTR_EXTRA": "1"})
+        last = await s.connect("e3")
+        with pytest.raises(ttrpc.TtrpcError) as err:
+            await call(other, "Create", create_request(s, "e2"), task.CreateTaskResponse)
+        assert "runc from the other PATH" in str(err.value)
+        for id, client in (("e1", first), ("e3", last)):
+            created = await call(client, "Create", create_request(s, id), task.CreateTaskResponse)
+            assert created.pid > 0
+            await call_empty(client, "Kill", task.KillRequest(id=id, signal=9))
+            await call(client, "Wait", task.WaitRequest(id=id), task.WaitResponse)
+            await call(client, "Delete", task.DeleteRequest(id=id), task.DeleteResponse)
+
+    run(rootfs, body)

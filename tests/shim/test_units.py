@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -531,3 +532,35 @@ def test_launcher_notices_new_code_within_its_interval(tmp_path: str) -> None:
     os.utime(module, ns=(before.st_atime_ns, before.st_mtime_ns))
     time.sleep(0.06)
     assert not freshness.stale()
+
+
+def test_launcher_hands_a_shim_only_the_environment_that_differs() -> None:
+    from pyctr.shim import launcher
+
+    own = launcher._Environment({"PATH": "/bin", "HOME": "/root", "LANG": "C"})
+    # The same variables in another order are the same block: nothing to do in the shim.
+    assert own.changes(launcher.environment_block({"LANG": "C", "PATH": "/bin", "HOME": "/root"})) is None
+    assert own.changes(launcher.environment_block({"PATH": "/opt:/bin", "HOME": "/root", "NEW": "a=b"})) == (
+        {"PATH": "/opt:/bin", "NEW": "a=b"},
+        ["LANG"],
+    )
+    assert own.changes(b"") == ({}, ["PATH", "HOME", "LANG"])
+    odd = "caf\udce9"  # not UTF-8 on the wire (surrogateescape), as os.environ can hold it
+    assert own.changes(launcher.environment_block({"PATH": "/bin", "HOME": odd, "LANG": "C"})) == (
+        {"HOME": odd},
+        [],
+    )
+    with pytest.raises(ValueError, match="bad environment entry"):
+        own.changes(b"PATH=/bin\0NOEQUALS")
+
+
+def test_launcher_request_is_json_then_the_environment() -> None:
+    from pyctr.shim import launcher
+
+    own = launcher._Environment({"A": "1"})
+    head = json.dumps({"argv": ["-id", "x"], "cwd": "/b"}).encode()
+    assert launcher._parse_request(head + b"\nA=1", own) == {"argv": ["-id", "x"], "cwd": "/b", "env": None}
+    assert launcher._parse_request(head + b"\nA=2", own)["env"] == ({"A": "2"}, [])
+    for bad in (head, b'{"argv": "x", "cwd": "/b"}\nA=1', b'{"argv": []}\nA=1', b"[]\nA=1", b"{\nA=1"):
+        with pytest.raises(ValueError):
+            launcher._parse_request(bad, own)
