@@ -54,7 +54,6 @@ class Reaper:
         *,
         env: Mapping[str, str] | None = None,
         stdio: tuple[int, int, int] | None = None,
-        executable: str | None = None,
     ) -> tuple[int, asyncio.Future[Exit]]:
         """Starts ``argv`` with ``stdio`` as its fds 0, 1, 2 (/dev/null when None); returns (pid, exit).
 
@@ -70,7 +69,7 @@ class Reaper:
             actions.append((os.POSIX_SPAWN_DUP2, fd, target))
         try:
             pid = os.posix_spawnp(
-                executable or argv[0],
+                argv[0],
                 list(argv),
                 dict(os.environ if env is None else env),
                 file_actions=actions,
