@@ -46,7 +46,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
     inodes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
+PRAGMA user_version = 1;
 """
+SCHEMA_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,10 @@ class Storage:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.row_factory = sqlite3.Row
-        conn.executescript(SCHEMA)
+        # The schema script commits, and runs at every daemon start: only a store older than it
+        # (or a new one) needs it.
+        if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+            conn.executescript(SCHEMA)
         self._conn = conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
