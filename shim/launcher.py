@@ -427,6 +427,60 @@ def _warm_up() -> None:
         logging.getLogger("pyctr.shim").warning("launcher warm-up: %s", failure)
 
 
+# Objects that fill the free blocks of the launcher's pymalloc pools; never freed (see below).
+_BALLAST: list[object] = []
+
+
+def _free_blocks() -> dict[int, int]:
+    """pymalloc's free blocks per size class, from ``sys._debugmallocstats`` (it prints to fd 2)."""
+    fd = os.memfd_create("pyrunc-mallocstats", os.MFD_CLOEXEC)
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        try:
+            sys._debugmallocstats()
+        finally:
+            os.dup2(saved, 2)
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 1 << 20).decode(errors="replace")
+    finally:
+        os.close(saved)
+        os.close(fd)
+    free: dict[int, int] = {}
+    # The table's rows: class, size, pools, blocks in use, free blocks.
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) == 5 and all(field.isdigit() for field in fields) and int(fields[4]):
+            free[int(fields[1])] = int(fields[4])
+    return free
+
+
+def _fill_free_blocks(rounds: int = 3) -> int:
+    """Puts a ballast object in every free block of pymalloc's pools; returns the bytes used.
+
+    Why: after imports, warm-up and a collection, the launcher's pools are full of holes, and a
+    forked shim's new objects land in them: one in this page, the next in another. Each page a
+    shim writes becomes its private copy, so scattered allocations cost a page each. Filled, the
+    shim allocates from fresh pools, densely: ~0.25 MiB less private memory per shim. The ballast
+    is never touched again, so its pages stay shared. Each size class gets objects of exactly its
+    size: ``object()`` (16 bytes), floats (24, in the 32 class), bytes objects of the rest.
+    """
+    used = 0
+    for _ in range(rounds):  # reading the statistics frees a few blocks of its own
+        free = _free_blocks()
+        if not free:
+            break
+        for size, count in free.items():
+            if size == 16:
+                _BALLAST.extend(object() for _ in range(count))
+            elif size == 32:
+                _BALLAST.extend(float(i) for i in range(count))
+            else:
+                _BALLAST.extend(bytes(size - 33) for _ in range(count))  # 33: a bytes object's header
+            used += size * count
+    return used
+
+
 def _write_pid(sockdir: str) -> str:
     path = os.path.join(sockdir, PID_NAME)
     tmp = f"{path}.{os.getpid()}"
@@ -467,6 +521,10 @@ def serve_launcher(sockdir: str) -> None:
     # The shims are our children until we exit: the kernel reaps them, no zombie waits for us.
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     gc.collect()
+    try:
+        _fill_free_blocks()
+    except (OSError, AttributeError, ValueError):
+        pass  # an interpreter without pymalloc statistics: shims just share a little less
     gc.freeze()
     idle_limit = float(os.environ.get("PYCTR_SHIM_LAUNCHER_IDLE", "600"))
     # Wake now and then while idle: a launcher whose daemon's state directory is gone (the daemon

@@ -564,3 +564,32 @@ def test_launcher_request_is_json_then_the_environment() -> None:
     for bad in (head, b'{"argv": "x", "cwd": "/b"}\nA=1', b'{"argv": []}\nA=1', b"[]\nA=1", b"{\nA=1"):
         with pytest.raises(ValueError):
             launcher._parse_request(bad, own)
+
+
+def test_launcher_fills_the_holes_in_its_heap_before_forking() -> None:
+    """A shim's new objects must come from fresh pools, not from holes scattered over the launcher's
+    heap (each page written is a private copy): once the launcher has filled them, a batch of new
+    objects of every size class takes about a page per class."""
+    script = textwrap.dedent(
+        """
+        import gc, json
+        import pyctr.shim.keeper, pyctr.shim.worker
+        from pyctr.shim import launcher
+
+        def pages():
+            objs = [bytes(size - 33) for size in range(48, 513, 16) for _ in range(8)]
+            return len({id(o) // 4096 for o in objs}), objs
+
+        gc.collect()
+        before, kept = pages()
+        used = launcher._fill_free_blocks()
+        after, kept2 = pages()
+        print(json.dumps([before, used, after]))
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True).stdout
+    before, used, after = json.loads(out)
+    classes = len(range(48, 513, 16))
+    assert used > 0
+    assert after <= classes + 6, (before, after)
+    assert before >= 1.5 * after, (before, after)  # without the fill they scatter
