@@ -3,7 +3,7 @@
 Stats answers with an Any the daemon passes on untouched: ``io.containerd.cgroups.v1.Metrics`` on v1
 and hybrid hosts (the test machines: v1 controllers plus a controller-less cgroup2 mount), or
 ``io.containerd.cgroups.v2.Metrics`` when ``/sys/fs/cgroup`` is cgroup2 itself. Neither message has
-generated code in pyctr.api, so the fields ctr and CRI read are encoded here by number (the field
+generated code in pyctr.api, so the fields ctr, CRI and dockerd read are encoded here by number (the field
 numbers are those of ``github.com/containerd/cgroups`` ``stats/v1`` and ``v2/stats``). Files that are
 missing (the container's cgroup is gone once it exited) read as zero, like cgroups.IgnoreNotExist.
 
@@ -66,6 +66,20 @@ _V2_CPU_STAT = {
     "throttled_usec": 6,
 }
 _V2_MEMORY_EVENTS = {"low": 1, "high": 2, "max": 3, "oom": 4, "oom_kill": 5}
+# blkio.<name> -> field number of io.containerd.cgroups.v1.BlkIOStat. The CFQ/BFQ-era files are read
+# when the kernel has them; when it has none, or they hold no entries, the throttle counters stand in
+# for bytes and operations (as containerd/cgroups does, with their non-recursive names).
+_V1_BLKIO = {
+    "io_service_bytes_recursive": 1,
+    "io_serviced_recursive": 2,
+    "io_queued_recursive": 3,
+    "io_service_time_recursive": 4,
+    "io_wait_time_recursive": 5,
+    "io_merged_recursive": 6,
+    "time_recursive": 7,
+    "sectors_recursive": 8,
+}
+_V1_BLKIO_THROTTLE = {"throttle.io_service_bytes": 1, "throttle.io_serviced": 2}
 
 
 def unified(root: str = CGROUP_ROOT) -> bool:
@@ -209,6 +223,9 @@ def v1_metrics(dirs: dict[str, str]) -> bytes:
             )
             body += pw.message(number, entry)
         out += pw.message(4, body)
+    if blkio := dirs.get("blkio"):
+        out += pw.message(5, v1_blkio(blkio))
+    if memory:
         oom = _flat_keyed(f"{memory}/memory.oom_control")
         out += pw.message(
             9,
@@ -217,6 +234,53 @@ def v1_metrics(dirs: dict[str, str]) -> bytes:
             + pw.uint(3, oom.get("oom_kill", 0)),
         )
     return out
+
+
+def v1_blkio(path: str, partitions: str = "/proc/partitions") -> bytes:
+    """The body of a v1 BlkIOStat. Always sent once the controller is there, even with no entries:
+    dockerd turns a missing one into ``null`` lists where containerd gives it empty ones."""
+    devices = _devices(partitions)
+    body = b""
+    if os.path.exists(f"{path}/blkio.io_serviced_recursive"):
+        body = b"".join(
+            pw.repeated(number, _blkio_entries(f"{path}/blkio.{name}", devices))
+            for name, number in _V1_BLKIO.items()
+        )
+    if not body:
+        body = b"".join(
+            pw.repeated(number, _blkio_entries(f"{path}/blkio.{name}", devices))
+            for name, number in _V1_BLKIO_THROTTLE.items()
+        )
+    return body
+
+
+def _blkio_entries(path: str, devices: dict[tuple[int, int], str]) -> list[bytes]:
+    """BlkIOEntry bodies of one blkio file: ``major:minor [op] value`` lines; ``Total`` is left out."""
+    entries = []
+    for line in _read(path).splitlines():
+        parts = line.replace(":", " ").split()
+        if len(parts) not in (3, 4) or not all(p.isdigit() for p in (parts[0], parts[1], parts[-1])):
+            continue  # "Total N", or a line this reader does not know
+        major, minor, value = int(parts[0]), int(parts[1]), int(parts[-1])
+        op = parts[2] if len(parts) == 4 else ""
+        entries.append(
+            pw.string(1, op)
+            + pw.string(2, devices.get((major, minor), ""))
+            + pw.uint(3, major)
+            + pw.uint(4, minor)
+            + pw.uint(5, value)
+        )
+    return entries
+
+
+def _devices(partitions: str) -> dict[tuple[int, int], str]:
+    """(major, minor) -> /dev/<name>, from /proc/partitions (two header lines, then one per device)."""
+    devices: dict[tuple[int, int], str] = {}
+    for line in _read(partitions).splitlines()[2:]:
+        parts = line.split()
+        if len(parts) == 4 and parts[0].isdigit() and parts[1].isdigit():
+            devices.setdefault((int(parts[0]), int(parts[1])), f"/dev/{parts[3]}")
+    return devices
 
 
 def v2_metrics(path: str) -> bytes:

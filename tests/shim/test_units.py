@@ -178,6 +178,54 @@ def test_v1_metrics_from_captured_files(tmp_path: object) -> None:
     assert _message(metrics[9])[3] == 2  # type: ignore[arg-type]
 
 
+def test_v1_blkio_always_present(tmp_path: object) -> None:
+    """The BlkIOStat goes out even with no entries (dockerd shows ``null`` lists without it); the
+    throttle counters stand in when the CFQ/BFQ-era files are missing or empty."""
+    base = str(tmp_path)
+    blkio = os.path.join(base, "blkio", "ctr")
+    partitions = os.path.join(base, "partitions")
+    _write_tree(
+        base,
+        {
+            "partitions": "major minor  #blocks  name\n\n 254        0   1048576 vda\n   7        0      1024 loop0\n",
+            "blkio/ctr/blkio.throttle.io_service_bytes": "Total 0\n",
+            "blkio/ctr/blkio.throttle.io_serviced": "Total 0\n",
+        },
+    )
+    metrics = _message(cgroups.v1_metrics({"blkio": blkio}))
+    assert metrics[5] == b""  # present, empty
+
+    _write_tree(
+        base,
+        {
+            "blkio/ctr/blkio.throttle.io_service_bytes": "254:0 Read 4096\n254:0 Write 8192\n7:0 Sync 1\n"
+            "Total 12289\n",
+            "blkio/ctr/blkio.throttle.io_serviced": "254:0 Write 2\nTotal 2\n",
+        },
+    )
+    entries = [(n, _message(v)) for n, v in pw.fields(cgroups.v1_blkio(blkio, partitions))]  # type: ignore[arg-type]
+    assert entries == [
+        (1, {1: b"Read", 2: b"/dev/vda", 3: 254, 5: 4096}),
+        (1, {1: b"Write", 2: b"/dev/vda", 3: 254, 5: 8192}),
+        (1, {1: b"Sync", 2: b"/dev/loop0", 3: 7, 5: 1}),
+        (2, {1: b"Write", 2: b"/dev/vda", 3: 254, 5: 2}),
+    ]
+
+    # With the CFQ files there (and holding entries), the throttle ones are not read.
+    _write_tree(
+        base,
+        {
+            "blkio/ctr/blkio.io_serviced_recursive": "254:0 Read 3\nTotal 3\n",
+            "blkio/ctr/blkio.sectors_recursive": "254:0 24\n",
+        },
+    )
+    entries = [(n, _message(v)) for n, v in pw.fields(cgroups.v1_blkio(blkio, partitions))]  # type: ignore[arg-type]
+    assert entries == [
+        (2, {1: b"Read", 2: b"/dev/vda", 3: 254, 5: 3}),
+        (8, {2: b"/dev/vda", 3: 254, 5: 24}),
+    ]
+
+
 def test_v2_metrics_from_captured_files(tmp_path: object) -> None:
     path = str(tmp_path)
     _write_tree(
