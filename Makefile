@@ -6,7 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # Debian packages the tests drive for real (installed only when root and missing).
-APT_PACKAGES := runc containerd docker-registry skopeo umoci busybox-static protobuf-compiler apache2-utils
+APT_PACKAGES := runc containerd docker-registry skopeo umoci busybox-static protobuf-compiler apache2-utils docker.io
+# Installed without their Recommends: docker.io's (cgroupfs-mount, needrestart, apparmor) act on the
+# host's services.
+APT_NO_RECOMMENDS := docker.io
 ROOT ?= /var/lib/pyctrd
 STATE ?= /run/pyctrd
 ADDRESS ?= $(STATE)/pyctrd.sock
@@ -22,11 +25,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python hack/devlinks.py
 	touch $(STAMP)
 
+# A policy-rc.d that refuses every start (exit 101) is in place during the install, unless the
+# machine has one already: the packages' services (containerd, docker) must not start on the host.
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing:$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    echo "installing:$$missing"; \
+	    plain=""; bare=""; for p in $$missing; do \
+	      case " $(APT_NO_RECOMMENDS) " in *" $$p "*) bare="$$bare $$p";; *) plain="$$plain $$p";; esac; done; \
+	    if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	      trap 'rm -f /usr/sbin/policy-rc.d' EXIT; printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; \
+	      chmod 755 /usr/sbin/policy-rc.d; fi; \
+	    apt-get update -qq \
+	      && { [ -z "$$plain" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$plain >/dev/null; } \
+	      && { [ -z "$$bare" ] || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$bare >/dev/null; }; \
 	  else echo "warning: not root, missing Debian packages:$$missing (tests that need them are skipped)"; fi; \
 	fi
 
