@@ -9,6 +9,8 @@
   owners and modes; layer 3 is gzip-compressed and writes into the opaque directory again.
 * ``users`` (built on demand by :func:`build_users`, not by :func:`get`): busybox with more
   users and groups, and optionally a ``User`` in its config, assembled by hand as ``multi`` is.
+* :func:`busybox_rootfs_tar` (on demand): busybox's root filesystem as a plain tar, which
+  ``docker import`` turns into an image.
 
 Every layout is tagged ``latest`` (``org.opencontainers.image.ref.name``); the archives are
 imported with ``ctr images import --base-name <name>``.
@@ -90,6 +92,19 @@ def _populate_busybox(rootfs: str) -> None:
         with open(os.path.join(rootfs, "etc", name), "w") as f:
             f.write(text)
         os.chmod(os.path.join(rootfs, "etc", name), 0o644)
+
+
+def busybox_rootfs_tar(work: str) -> str:
+    """The busybox root filesystem as a plain tar (for ``docker import``), built in ``work``."""
+    rootfs = os.path.join(work, "busybox-rootfs")
+    os.makedirs(rootfs)
+    _populate_busybox(rootfs)
+    dest = os.path.join(work, "busybox-rootfs.tar")
+    with tarfile.open(dest, "w") as tar:
+        for name in sorted(os.listdir(rootfs)):
+            tar.add(os.path.join(rootfs, name), arcname=name)
+    shutil.rmtree(rootfs)
+    return dest
 
 
 def build_busybox(work: str, name: str = "docker.io/library/busybox:latest") -> Image:
