@@ -141,7 +141,12 @@ class TaskManager:
             request.id = task_id
             request.bundle = b.path
             request.options = options
-            resp = await t.shim.call("Create", request, task.CreateTaskResponse)
+            try:
+                resp = await t.shim.call("Create", request, task.CreateTaskResponse)
+            except errdefs.ContainerdError as exc:
+                # containerd 1.6 names the failed step, keeping the category; dockerd and ctr
+                # print the text as they get it.
+                raise type(exc)(f"failed to create shim task: {exc}") from None
             t.pid = resp.pid
         except BaseException:
             await self._abandon(t)

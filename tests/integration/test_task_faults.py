@@ -67,7 +67,9 @@ def test_run_with_a_failing_runc_reports_why_and_leaves_nothing(env: Env, runc: 
     start = time.monotonic()
     r = env.ctr("run", "--runc-binary", binary, IMAGE, cid, "true")
     assert r.returncode != 0
-    assert "OCI runtime create failed" in r.stderr and reason in r.stderr, (r.stderr, env.d.log()[-3000:])
+    # containerd's wording: the daemon names the step, the shim runc's reason.
+    assert "failed to create shim task: OCI runtime create failed" in r.stderr, r.stderr
+    assert reason in r.stderr, (r.stderr, env.d.log()[-3000:])
     assert time.monotonic() - start < 15
 
     # No shim, bundle or mount of the failed task remains; only the container record does (ctr
