@@ -321,6 +321,11 @@ def test_run_output_and_exit_code(env: Env) -> None:
     assert (r.returncode, r.stdout) == (0, "hi\n"), r.stderr
     r = env.docker("run", "--rm", *NONE, IMAGE, "sh", "-c", "echo out; echo err >&2; exit 3")
     assert (r.returncode, r.stdout, r.stderr) == (3, "out\n", "err\n")
+    # dockerd reads runc's reason to choose 127 (not found) or 126; the text is containerd's.
+    r = env.docker("run", "--rm", *NONE, IMAGE, "no-such-command")
+    assert r.returncode == 127, r.stderr
+    assert "failed to create shim task: OCI runtime create failed" in r.stderr, r.stderr
+    assert 'exec: "no-such-command": executable file not found in $PATH' in r.stderr, r.stderr
     env.assert_moby_empty()
 
 
@@ -340,6 +345,9 @@ def test_detached_life_cycle(env: Env) -> None:
     assert dk.ok("exec", cid, "sh", "-c", "echo in-exec; id -u") == "in-exec\n0\n"
     r = dk("exec", cid, "sh", "-c", "echo bye >&2; exit 5")
     assert (r.returncode, r.stdout, r.stderr) == (5, "", "bye\n")
+    r = dk("exec", cid, "no-such-command")
+    # The 20.10 CLI prints an exec's start failure on stdout.
+    assert r.returncode == 126 and "OCI runtime exec failed" in r.stdout + r.stderr, r
 
     top = dk.ok("top", cid).splitlines()
     assert top[0].split()[:3] == ["UID", "PID", "PPID"]
