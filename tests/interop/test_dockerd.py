@@ -2,8 +2,8 @@
 
 One pyctrd and one dockerd for the module, each on private temp directories; the image is a busybox
 root filesystem put in with ``docker import``, so nothing is pulled. dockerd talks to pyctrd in the
-``moby`` namespace (containers, tasks, events) and ``plugins.moby`` (events only), see
-``/work/shared/reference/dockerd-client.md`` for the calls it makes.
+``moby`` namespace (containers, tasks, events) and ``plugins.moby`` (events only); it never
+uses snapshots, images or Tasks/Wait, and notices exits only through ``/tasks/exit`` events.
 
 The CLI is ``/usr/bin/docker`` (20.10, from the same package); a newer client earlier in PATH would
 speak a newer API. dockerd leaves its data-root bind-mounted on itself: teardown unmounts whatever
