@@ -16,3 +16,5 @@ bundle     the bundle directory's files         address  shim socket paths and t
 container  the rootfs mount of Create
 (hand-written protobuf for the messages without generated code: pyctr.api.pblite)
 """
+
+import pyctr.api  # noqa: F401  (prepares betterproto2 before anything loads it)
