@@ -395,6 +395,19 @@ def _limit_malloc_arenas() -> None:
         ctypes.CDLL(None).mallopt(-8, 1)  # M_ARENA_MAX
 
 
+def _trim_malloc() -> None:
+    """Gives the free pages inside glibc's heap back to the kernel (``malloc_trim(0)``).
+
+    Large objects freed during imports and warm-up leave free chunks whose pages stay resident:
+    every shim maps them, and a share of them counts in each shim's PSS (~0.7 MiB here). A shim
+    that later allocates there faults in a fresh page instead of copying one: the same cost.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def _warm_up() -> None:
     """Runs what every shim runs once, so the lazily built state is shared instead of rebuilt per shim.
 
@@ -525,6 +538,7 @@ def serve_launcher(sockdir: str) -> None:
         _fill_free_blocks()
     except (OSError, AttributeError, ValueError):
         pass  # an interpreter without pymalloc statistics: shims just share a little less
+    _trim_malloc()
     gc.freeze()
     idle_limit = float(os.environ.get("PYCTR_SHIM_LAUNCHER_IDLE", "600"))
     # Wake now and then while idle: a launcher whose daemon's state directory is gone (the daemon
