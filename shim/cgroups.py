@@ -296,9 +296,28 @@ def v2_metrics(path: str) -> bytes:
         + pw.uint(35, _uint(f"{path}/memory.swap.max"))
     )
     out += pw.message(4, memory)
+    out += pw.message(6, b"".join(pw.message(1, entry) for entry in _v2_io(f"{path}/io.stat")))
     events = _flat_keyed(f"{path}/memory.events")
     out += pw.message(8, b"".join(pw.uint(n, events.get(k, 0)) for k, n in _V2_MEMORY_EVENTS.items()))
     return out
+
+
+def _v2_io(path: str) -> list[bytes]:
+    """io.stat's lines (``MAJ:MIN rbytes=N wbytes=N rios=N wios=N dbytes=N dios=N``) as IOEntry
+    messages; the message goes out even without entries, as containerd's does."""
+    entries = []
+    for line in _read(path).splitlines():
+        device, *pairs = line.split()
+        major, sep, minor = device.partition(":")
+        if not sep or not major.isdigit() or not minor.isdigit():
+            continue
+        counters = dict(pair.partition("=")[::2] for pair in pairs)
+        entry = pw.uint(1, int(major)) + pw.uint(2, int(minor))
+        for number, key in enumerate(("rbytes", "wbytes", "rios", "wios"), start=3):
+            value = counters.get(key, "")
+            entry += pw.uint(number, int(value) if value.isdigit() else 0)
+        entries.append(entry)
+    return entries
 
 
 # -- OOM ----------------------------------------------------------------------------------------------

@@ -252,6 +252,20 @@ def test_v2_metrics_from_captured_files(tmp_path: object) -> None:
         (1 << 64) - 1,
     )
     assert _message(metrics[8]) == {3: 1, 4: 1, 5: 1}  # type: ignore[arg-type]
+    assert metrics[6] == b""  # no io.stat: the IOStat still goes out, empty
+
+    _write_tree(
+        path,
+        {
+            "io.stat": "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n"
+            "7:0 rbytes=512 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\nnonsense\n",
+        },
+    )
+    io = [(n, _message(v)) for n, v in pw.fields(_message(cgroups.v2_metrics(path))[6])]  # type: ignore[arg-type]
+    assert io == [
+        (1, {1: 254, 3: 4096, 4: 8192, 5: 1, 6: 2}),
+        (1, {1: 7, 3: 512, 5: 1}),
+    ]
 
 
 def test_cgroup_paths_and_mountpoints(tmp_path: object) -> None:
