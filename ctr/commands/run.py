@@ -58,6 +58,11 @@ def register(sub: Any) -> None:
     p.add_argument("--memory-limit", type=int, default=0, help="bytes")
     p.add_argument("--cpus", type=float, default=0.0)
     p.add_argument("--read-only", action="store_true", help="read-only root filesystem")
+    p.add_argument(
+        "--privileged", action="store_true", help="every capability of the caller, the host's devices"
+    )
+    p.add_argument("--cap-add", action="append", default=[], metavar="CAP_NAME", help="add a capability")
+    p.add_argument("--cap-drop", action="append", default=[], metavar="CAP_NAME", help="drop a capability")
     p.add_argument("--runtime", default="io.containerd.runc.v2")
     p.add_argument("--snapshotter", default=os.environ.get("CONTAINERD_SNAPSHOTTER") or "overlayfs")
     p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
@@ -88,7 +93,7 @@ def build_spec(args: argparse.Namespace, namespace: str, config: dict[str, Any])
         proc["env"] = oci.merge_env(proc["env"], ["TERM=xterm"])
     if not any(m["destination"] == "/sys/fs/cgroup" for m in spec["mounts"]):
         # containerd's default spec mounts the container's cgroups read-only; oci.DEFAULT_MOUNTS lacks it
-        spec["mounts"].append(CGROUP_MOUNT)
+        spec["mounts"].append(dict(CGROUP_MOUNT, options=list(CGROUP_MOUNT["options"])))
     for m in args.mount:
         spec["mounts"].append(parse_mount(m))
     if args.net_host:
@@ -105,6 +110,10 @@ def build_spec(args: argparse.Namespace, namespace: str, config: dict[str, Any])
         resources["cpu"] = {"quota": int(args.cpus * period), "period": period}
     if args.read_only:
         spec["root"]["readonly"] = True
+    if args.privileged:
+        oci.with_privileged(spec)
+    if args.cap_add or args.cap_drop:
+        oci.with_capabilities(spec, args.cap_add, args.cap_drop)
     return spec
 
 

@@ -131,6 +131,47 @@ def test_run_read_only_and_exit_code(pyctr: Pyctr) -> None:
     assert r.returncode == 42, r.stderr
 
 
+def _cap_mask(names: list[str]) -> int:
+    from pyctr.ctr import oci
+
+    return sum(1 << oci.CAPABILITY_NAMES.index(name) for name in names)
+
+
+def _status_caps(text: str) -> int:
+    return int(next(line.split()[1] for line in text.splitlines() if line.startswith("CapEff:")), 16)
+
+
+def test_run_privileged_and_capability_flags(pyctr: Pyctr) -> None:
+    from pyctr.ctr import oci
+
+    script = "cat /proc/self/status; echo DEV $(ls /dev); echo TIMERS $(wc -c < /proc/timer_list)"
+    r = pyctr.run("run", "--rm", pyctr.image, pyctr.new_id("plain"), "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    assert _status_caps(r.stdout) == _cap_mask(oci.DEFAULT_CAPS)
+    plain_dev = next(line for line in r.stdout.splitlines() if line.startswith("DEV ")).split()[1:]
+    assert "TIMERS 0" in r.stdout  # masked: /dev/null is bound over it
+
+    # Privileged: the caller's own capabilities, the host's devices, nothing masked.
+    r = pyctr.run("run", "--rm", "--privileged", pyctr.image, pyctr.new_id("priv"), "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    assert _status_caps(r.stdout) == _cap_mask(oci.current_capabilities())
+    dev = next(line for line in r.stdout.splitlines() if line.startswith("DEV ")).split()[1:]
+    host_only = {d["path"].removeprefix("/dev/") for d in oci.host_devices()} - set(plain_dev)
+    assert host_only and {name for name in host_only if "/" not in name} <= set(dev)
+    assert "TIMERS 0" not in r.stdout
+
+    # Added and dropped capabilities, on the default set.
+    r = pyctr.run(
+        "run", "--rm", "--cap-add", "CAP_SYS_ADMIN", "--cap-drop", "CAP_CHOWN",
+        pyctr.image, pyctr.new_id("caps"), "cat", "/proc/self/status",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    want = [c for c in oci.DEFAULT_CAPS if c != "CAP_CHOWN"] + ["CAP_SYS_ADMIN"]
+    assert _status_caps(r.stdout) == _cap_mask(want)
+    r = pyctr.run("run", "--rm", "--cap-add", "SYS_ADMIN", pyctr.image, pyctr.new_id("bad"), "true")
+    assert r.returncode != 0 and "'CAP_' prefix" in r.stderr, r.stderr
+
+
 def test_run_net_host_sees_host_interfaces(pyctr: Pyctr) -> None:
     r = pyctr.run("run", "--rm", "--net-host", pyctr.image, pyctr.new_id("net"), "ls", "/sys/class/net")
     assert r.returncode == 0, r.stderr
