@@ -138,17 +138,10 @@ class Subscription:
             self.close()
 
 
-EXIT_TOPIC = "/tasks/exit"
-EXIT_TYPE_URL = "containerd.events.TaskExit"
-_EXITS_REMEMBERED = 1024
-
-
 class Exchange:
     def __init__(self, queue_size: int = QUEUE_SIZE) -> None:
         self._subscribers: set[Subscription] = set()
         self.queue_size = queue_size
-        # The last exits that went out: (namespace, container, process id, pid, exited_at).
-        self._exits: dict[tuple[str, str, str, int, str], None] = {}
 
     @property
     def subscriber_count(self) -> int:
@@ -157,8 +150,6 @@ class Exchange:
     def publish(self, namespace: str, topic: str, event: Message) -> None:
         """Publish an event from inside the daemon."""
         validate_topic(topic)
-        if topic == EXIT_TOPIC and self._repeated_exit(namespace, event):
-            return
         url, value = typeurl.marshal(event)
         self._broadcast(Envelope(time.time_ns(), namespace, topic, url, value))
 
@@ -169,40 +160,7 @@ class Exchange:
         except InvalidArgument as exc:
             raise InvalidArgument(f"envelope namespace: {exc.message}") from None
         validate_topic(env.topic)
-        if env.topic == EXIT_TOPIC and env.type_url == EXIT_TYPE_URL:
-            from pyctr.api._pb.containerd.events import TaskExit
-
-            try:
-                exit = TaskExit.parse(env.value)
-            except Exception:
-                exit = None  # not ours to judge: passed on as it came
-            if exit is not None and self._repeated_exit(env.namespace, exit):
-                return
         self._broadcast(env)
-
-    def _repeated_exit(self, namespace: str, event: Message) -> bool:
-        """True for a process exit that already went out, which is then not sent twice.
-
-        A task that exits while the daemon is down is reported by the restarted daemon (the shim
-        may have given up resending) and, when the shim's retries outlast the outage, by the shim
-        too: subscribers such as dockerd would see one exit twice. Each exit has its own pid and
-        time, so only a repeat matches.
-        """
-        stamp = getattr(event, "exited_at", None)  # a datetime (betterproto2's Timestamp), or None
-        key = (
-            namespace,
-            str(getattr(event, "container_id", "")),
-            str(getattr(event, "id", "")),
-            int(getattr(event, "pid", 0)),
-            stamp.isoformat() if stamp is not None else "",
-        )
-        if key in self._exits:
-            log.debug("repeated exit event dropped", ns=namespace, container=key[1], pid=key[3])
-            return True
-        self._exits[key] = None
-        if len(self._exits) > _EXITS_REMEMBERED:
-            del self._exits[next(iter(self._exits))]
-        return False
 
     def _broadcast(self, env: Envelope) -> None:
         log.debug("event published", ns=env.namespace, topic=env.topic, type=env.type_url)

@@ -105,39 +105,3 @@ def test_forward_checks_namespace() -> None:
     ex = Exchange()
     with pytest.raises(InvalidArgument, match="envelope namespace"):
         ex.forward(Envelope(0, "bad ns", "/x", "containerd.events.TaskExit", b""))
-
-
-def test_one_exit_goes_out_once_whoever_reports_it() -> None:
-    """A restarted daemon and a shim that kept retrying both report the same exit: one goes out."""
-    from pyctr.api import pbutil
-
-    async def main() -> None:
-        ex = Exchange()
-        sub = ex.subscribe()
-        at = pbutil.timestamp(1_700_000_000_000_005_000)
-        exit = TaskExit(container_id="c", id="c", pid=42, exit_status=137, exited_at=at)
-        ex.publish("ns", "/tasks/exit", exit)  # the daemon, at restore
-        ex.forward(Envelope(1, "ns", "/tasks/exit", "containerd.events.TaskExit", bytes(exit)))  # the shim
-        ex.forward(Envelope(2, "other", "/tasks/exit", "containerd.events.TaskExit", bytes(exit)))
-        later = TaskExit(container_id="c", id="c", pid=43, exit_status=0, exited_at=at)  # a new process
-        again = TaskExit(
-            container_id="c", id="c", pid=42, exited_at=pbutil.timestamp(1_800_000_000_000_000_000)
-        )
-        ex.forward(Envelope(3, "ns", "/tasks/exit", "containerd.events.TaskExit", bytes(later)))
-        ex.publish("ns", "/tasks/exit", exit)  # and the daemon again: still a repeat
-        ex.publish("ns", "/tasks/exit", again)  # the same pid, reused, exiting later: news
-        ex.forward(Envelope(4, "ns", "/tasks/exit", "containerd.events.TaskExit", b"\xff"))  # not parseable
-        ex.publish("ns", "/tasks/delete", exit)  # other topics are never held back
-        got = await collect(sub, 6)
-        assert [(e.namespace, e.topic) for e in got] == [
-            ("ns", "/tasks/exit"),
-            ("other", "/tasks/exit"),
-            ("ns", "/tasks/exit"),
-            ("ns", "/tasks/exit"),
-            ("ns", "/tasks/exit"),
-            ("ns", "/tasks/delete"),
-        ]
-        assert TaskExit.parse(got[2].value).pid == 43
-        assert TaskExit.parse(got[3].value).exited_at == again.exited_at
-
-    asyncio.run(main())
