@@ -27,6 +27,7 @@ from pyctr.api._pb.containerd.services.tasks.v1 import GetRequest, TasksStub
 from pyctr.api._pb.containerd.v1.types import Process, Status
 from pyctr.ctr.client import Client
 from tests.helpers import daemons, images
+from tests.helpers.daemons import alive
 from tests.helpers.streams import LineReader, log_records, stop_process, wait_for
 
 SHIMS = ["containerd-shim-runc-v2", "containerd-shim-pyrunc-v2"]
@@ -121,15 +122,6 @@ def processes() -> Iterator[tuple[int, list[str]]]:
             continue
         if argv:
             yield int(name), argv
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` is a live (not zombie) process."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def mounts_under(path: str) -> list[str]:

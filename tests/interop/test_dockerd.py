@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import daemons, images
+from tests.helpers.daemons import alive
 
 pytestmark = pytest.mark.interop
 
@@ -305,14 +306,6 @@ def _pid(env: Env, cid: str) -> int:
     return int(env.docker.inspect(cid, "{{.State.Pid}}"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 # --------------------------------------------------------------------------------------- tests
 
 
@@ -376,7 +369,7 @@ def test_detached_life_cycle(env: Env) -> None:
     # sleep as PID 1 ignores SIGTERM: -t 0 makes dockerd follow with SIGKILL at once.
     dk.ok("stop", "-t", "0", cid)
     assert dk.inspect(cid, "{{.State.Status}} {{.State.ExitCode}}") == "exited 137"
-    assert not _alive(pid)
+    assert not alive(pid)
     env.assert_moby_empty()  # dockerd deletes the containerd container at stop, not at rm
     dk.ok("rm", cid)
     assert dk.ok("ps", "-aq") == ""
@@ -411,7 +404,7 @@ def test_pyctrd_killed_and_restarted_under_dockerd(env: Env) -> None:
     # (moby, plugins.moby). An exit reported before that would be lost to it (as with containerd),
     # so the test waits for both subscriptions.
     assert wait_until(lambda: env.subscriptions() >= before + 2, timeout=20), env.pyd.log()[-3000:]
-    assert _alive(pid)
+    assert alive(pid)
     assert env.tasks()[cid] == [str(pid), "RUNNING"]
 
     assert dk.ok("exec", cid, "echo", "after-restart") == "after-restart\n"
@@ -442,7 +435,7 @@ def test_live_restore_keeps_the_container(env: Env) -> None:
     assert wait_until(lambda: len(_ticks(dk, cid)) >= 2)
 
     dk.stop()  # with --live-restore, dockerd leaves its containers running
-    assert _alive(pid)
+    assert alive(pid)
     assert env.tasks()[cid] == [str(pid), "RUNNING"]
     assert env.containers() == [cid]
     time.sleep(0.3)  # ticks written while nobody reads the log FIFO
@@ -457,6 +450,6 @@ def test_live_restore_keeps_the_container(env: Env) -> None:
 
     dk.ok("stop", "-t", "10", cid)
     assert dk.inspect(cid, "{{.State.Status}} {{.State.ExitCode}}") == "exited 9"
-    assert not _alive(pid)
+    assert not alive(pid)
     env.assert_moby_empty()
     dk.ok("rm", cid)

@@ -361,17 +361,3 @@ def test_betterproto2_version_stand_in_agrees_with_betterproto2() -> None:
             except ImportError:
                 verdicts.append(False)
         assert verdicts[0] == verdicts[1], compiler
-
-
-def test_no_process_of_ours_loads_importlib_metadata() -> None:
-    """The daemon's start-up, the CLI and the shim launcher's imports stay without it (and zipfile,
-    email, csv ...): ~1.8 MiB of heap each, in the launcher's case shared by every shim."""
-    code = (
-        "import sys\n"
-        "import pyctr.daemon.main, pyctr.daemon.builtins, pyctr.daemon.daemon, pyctr.ctr.main\n"
-        "import pyctr.shim.launcher, pyctr.shim.keeper, pyctr.shim.worker\n"
-        "import pyctr.api._pb.containerd.task.v2, pyctr.api._pb.containerd.events\n"
-        "print(' '.join(m for m in ('importlib.metadata', 'zipfile', 'email') if m in sys.modules))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == []
