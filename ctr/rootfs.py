@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import errno
 import os
 import stat
@@ -29,7 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import TypeVar
 
 from pyctr.api._pb.containerd.types import Mount as PbMount
-from pyctr.api.mount import Mount
+from pyctr.api.mount import MNT_DETACH, Mount, umount_syscall
+from pyctr.api.mount import mount_syscall as _mount
 from pyctr.ctr import users
 
 T = TypeVar("T")
@@ -38,7 +38,6 @@ MS_RDONLY = 0x1
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
 MS_REC = 0x4000
-MNT_DETACH = 0x2
 # option -> (clear?, flag); the rest of containerd's table (mount_linux.go) never reaches a reader
 _FLAGS: dict[str, tuple[bool, int]] = {
     "ro": (False, MS_RDONLY),
@@ -61,10 +60,6 @@ _DATA_LIMIT = os.sysconf("SC_PAGESIZE") - 512  # longer overlay data goes throug
 MAX_LINKS = 255
 MAX_FILE = 16 << 20  # an /etc/passwd larger than this is not one
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
-
 
 def readonly(mounts: Sequence[Mount]) -> list[Mount]:
     """The same root filesystem as read-only mounts (see the module's notes)."""
@@ -78,19 +73,6 @@ def readonly(mounts: Sequence[Mount]) -> list[Mount]:
             options.insert(0, f"lowerdir={lowers}")
         out.append(Mount(m.type, m.source, m.target, (*options, "ro")))
     return out
-
-
-def _mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    result = _libc.mount(
-        source.encode() if source else None,
-        target.encode(),
-        fstype.encode() if fstype else None,
-        flags,
-        data.encode() if data else None,
-    )
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {source} on {target} ({fstype}): {os.strerror(err)}")
 
 
 def _short_lowerdirs(data: list[str]) -> tuple[list[str], int]:
@@ -131,16 +113,16 @@ def unmount(target: str) -> None:
     path = target.encode()
     busy = 0
     while True:
-        if _libc.umount2(path, 0) == 0:
+        err = umount_syscall(path)
+        if err == 0:
             continue
-        err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOENT):
             return  # no longer a mount point
         if err == errno.EBUSY and busy < 20:
             busy += 1
             time.sleep(0.01)
             continue
-        if err == errno.EBUSY and _libc.umount2(path, MNT_DETACH) == 0:
+        if err == errno.EBUSY and umount_syscall(path, MNT_DETACH) == 0:
             continue
         raise OSError(err, f"umount {target}: {os.strerror(err)}")
 

@@ -13,12 +13,15 @@ which the kernel resolves for the calling process.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import os
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+
+from pyctr.api.mount import MNT_DETACH, libc
+from pyctr.api.mount import mount_syscall as mount
+from pyctr.api.mount import umount_syscall as _umount
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -78,12 +81,9 @@ _PROPAGATION_FLAGS = {
     "unbindable": MS_UNBINDABLE,
     "runbindable": MS_UNBINDABLE | MS_REC,
 }
-MNT_DETACH = 0x2
 _DATA_LIMIT = os.sysconf("SC_PAGESIZE") - 512  # containerd's threshold for compacting overlay options
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+libc()  # now, in the launcher: a lookup after the fork would cost every shim private pages
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,23 +91,6 @@ class Mount:
     type: str
     source: str
     options: tuple[str, ...] = ()
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
-
-def mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
-    result = _libc.mount(
-        source.encode() if source else None,
-        target.encode(),
-        fstype.encode() if fstype else None,
-        flags,
-        data.encode() if data else None,
-    )
-    _check(result, f"mount {source} on {target} ({fstype})")
 
 
 def parse_options(options: Iterable[str]) -> tuple[int, int, list[str]]:
@@ -172,11 +155,6 @@ def mount_all(mounts: Sequence[Mount], target: str) -> None:
             with contextlib.suppress(OSError):
                 unmount_all(target)
         raise
-
-
-def _umount(path: bytes, flags: int = 0) -> int:
-    """0, or the errno of one umount2 call."""
-    return 0 if _libc.umount2(path, flags) == 0 else ctypes.get_errno()
 
 
 def unmount_step(target: str, path: bytes, busy: int, retries: int) -> bool:

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 
 from pyctr.api.errdefs import FailedPrecondition
-from pyctr.api.mount import Mount
+from pyctr.api.mount import Mount, mount_syscall, umount_syscall
 from pyctr.snapshotter import storage
 from pyctr.snapshotter.base import Kind
 from pyctr.snapshotter.dirs import DirSnapshotter
@@ -43,21 +43,20 @@ def check_supported(root: str) -> None:
     mount(2) and umount2(2) directly, as containerd's check does: spawning mount, umount and rm
     cost three process starts at every daemon start.
     """
-    import ctypes  # here, not at import: only the overlay plugin's start needs it
-
-    libc = ctypes.CDLL(None, use_errno=True)
     base = tempfile.mkdtemp(prefix="overlay-check-", dir=root)
     try:
         for d in ("lower1", "lower2", "merged"):
             os.mkdir(os.path.join(base, d))
-        merged = f"{base}/merged".encode()
-        opts = f"lowerdir={base}/lower2:{base}/lower1".encode()
-        if libc.mount(b"overlay", merged, b"overlay", ctypes.c_ulong(0), opts) != 0:
-            err = ctypes.get_errno()
-            raise FailedPrecondition(f"overlay is not supported here: {os.strerror(err)}")
-        if libc.umount2(merged, 0) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, f"unmounting the overlay check at {base}/merged: {os.strerror(err)}")
+        merged = f"{base}/merged"
+        try:
+            mount_syscall("overlay", merged, "overlay", 0, f"lowerdir={base}/lower2:{base}/lower1")
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"overlay is not supported here: {os.strerror(exc.errno or 0)}"
+            ) from None
+        err = umount_syscall(merged.encode())
+        if err:
+            raise OSError(err, f"unmounting the overlay check at {merged}: {os.strerror(err)}")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from pyctr.api import identifiers
 from pyctr.api.errdefs import AlreadyExists
+from pyctr.api.mount import MNT_DETACH, umount_syscall
 
 STATE_DIR = "io.containerd.runtime.v2.task"
-MNT_DETACH = 2
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,6 @@ def unmount(path: str, table: list[str] | None = None) -> None:
     pass): ``os.path.ismount`` misses a bind mount from the same filesystem (the native
     snapshotter's rootfs), and rmtree would then delete through it.
     """
-    import ctypes  # only a bundle delete unmounts; start-up does not pay for loading ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
     real = os.path.realpath(path)
     for _ in range(100):  # stacked mounts come off one layer per pass
         mounts = table if table is not None else _mount_targets()
@@ -77,8 +74,8 @@ def unmount(path: str, table: list[str] | None = None) -> None:
         if not targets:
             return
         for target in sorted(targets, key=len, reverse=True):
-            if libc.umount2(target.encode(), MNT_DETACH) != 0:
-                err = ctypes.get_errno()
+            err = umount_syscall(target.encode(), MNT_DETACH)
+            if err:
                 if err != errno.EINVAL:  # EINVAL: already gone with its parent
                     raise OSError(err, f"unmount {target}: {os.strerror(err)}")
     raise OSError(errno.EBUSY, f"unmount {path}: mounts keep coming back")
