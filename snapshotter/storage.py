@@ -33,7 +33,9 @@ T = TypeVar("T")
 
 UNMEASURED = Usage(-1, -1)
 
-SCHEMA = """
+SCHEMA_VERSION = 1
+SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS snapshots (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     key TEXT NOT NULL UNIQUE,
@@ -46,9 +48,9 @@ CREATE TABLE IF NOT EXISTS snapshots (
     inodes INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS snapshots_parent ON snapshots(parent_id);
-PRAGMA user_version = 1;
 """
-SCHEMA_VERSION = 1
+    + f"PRAGMA user_version = {SCHEMA_VERSION};\n"
+)
 
 
 @dataclass(frozen=True)
