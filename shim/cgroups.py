@@ -307,10 +307,10 @@ def _v2_io(path: str) -> list[bytes]:
     messages; the message goes out even without entries, as containerd's does."""
     entries = []
     for line in _read(path).splitlines():
-        device, *pairs = line.split()
+        device, *pairs = line.split() or [""]
         major, sep, minor = device.partition(":")
         if not sep or not major.isdigit() or not minor.isdigit():
-            continue
+            continue  # a blank line, or one this reader does not know
         counters = dict(pair.partition("=")[::2] for pair in pairs)
         entry = pw.uint(1, int(major)) + pw.uint(2, int(minor))
         for number, key in enumerate(("rbytes", "wbytes", "rios", "wios"), start=3):

@@ -258,7 +258,7 @@ def test_v2_metrics_from_captured_files(tmp_path: object) -> None:
         path,
         {
             "io.stat": "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n"
-            "7:0 rbytes=512 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\nnonsense\n",
+            "7:0 rbytes=512 wbytes=0 rios=1 wios=0 dbytes=0 dios=0\n\nnonsense\n",
         },
     )
     io = [(n, _message(v)) for n, v in pw.fields(_message(cgroups.v2_metrics(path))[6])]  # type: ignore[arg-type]
