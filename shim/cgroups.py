@@ -240,18 +240,15 @@ def v1_blkio(path: str, partitions: str = "/proc/partitions") -> bytes:
     """The body of a v1 BlkIOStat. Always sent once the controller is there, even with no entries:
     dockerd turns a missing one into ``null`` lists where containerd gives it empty ones."""
     devices = _devices(partitions)
-    body = b""
-    if os.path.exists(f"{path}/blkio.io_serviced_recursive"):
-        body = b"".join(
+
+    def body(files: dict[str, int]) -> bytes:
+        return b"".join(
             pw.repeated(number, _blkio_entries(f"{path}/blkio.{name}", devices))
-            for name, number in _V1_BLKIO.items()
+            for name, number in files.items()
         )
-    if not body:
-        body = b"".join(
-            pw.repeated(number, _blkio_entries(f"{path}/blkio.{name}", devices))
-            for name, number in _V1_BLKIO_THROTTLE.items()
-        )
-    return body
+
+    recursive = body(_V1_BLKIO) if os.path.exists(f"{path}/blkio.io_serviced_recursive") else b""
+    return recursive or body(_V1_BLKIO_THROTTLE)
 
 
 def _blkio_entries(path: str, devices: dict[tuple[int, int], str]) -> list[bytes]:
