@@ -70,7 +70,7 @@ def _run(*cmd: str) -> str:
 
 
 def _tar_dir(src: str, dest: str) -> None:
-    """An OCI archive: the layout's files at the top level of a plain tar."""
+    """``src``'s files at the top level of a plain tar: an OCI archive of a layout, or a rootfs."""
     with tarfile.open(dest, "w") as tar:
         for name in sorted(os.listdir(src)):
             tar.add(os.path.join(src, name), arcname=name)
@@ -100,9 +100,7 @@ def busybox_rootfs_tar(work: str) -> str:
     os.makedirs(rootfs)
     _populate_busybox(rootfs)
     dest = os.path.join(work, "busybox-rootfs.tar")
-    with tarfile.open(dest, "w") as tar:
-        for name in sorted(os.listdir(rootfs)):
-            tar.add(os.path.join(rootfs, name), arcname=name)
+    _tar_dir(rootfs, dest)
     shutil.rmtree(rootfs)
     return dest
 
