@@ -84,6 +84,13 @@ def alive(pid: int) -> bool:
         return False
 
 
+def mounts_under(path: str) -> list[str]:
+    """Mount points (from /proc/self/mountinfo) at ``path`` or below it."""
+    with open("/proc/self/mountinfo") as f:
+        targets = [line.split()[4] for line in f]
+    return [t for t in targets if t == path or t.startswith(path + "/")]
+
+
 def new_base(prefix: str) -> str:
     return tempfile.mkdtemp(prefix=prefix, dir="/tmp")
 

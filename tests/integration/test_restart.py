@@ -27,7 +27,7 @@ from pyctr.api._pb.containerd.services.tasks.v1 import GetRequest, TasksStub
 from pyctr.api._pb.containerd.v1.types import Process, Status
 from pyctr.ctr.client import Client
 from tests.helpers import daemons, images
-from tests.helpers.daemons import alive
+from tests.helpers.daemons import alive, mounts_under
 from tests.helpers.streams import LineReader, log_records, stop_process, wait_for
 
 SHIMS = ["containerd-shim-runc-v2", "containerd-shim-pyrunc-v2"]
@@ -122,12 +122,6 @@ def processes() -> Iterator[tuple[int, list[str]]]:
             continue
         if argv:
             yield int(name), argv
-
-
-def mounts_under(path: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        targets = [line.split()[4] for line in f]
-    return [t for t in targets if t == path or t.startswith(path + "/")]
 
 
 def get_task(address: str, ns: str, cid: str) -> Process:

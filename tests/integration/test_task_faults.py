@@ -16,14 +16,13 @@ import pytest
 
 from pyctr.api._pb.containerd.v1.types import Status
 from tests.helpers import daemons, images
-from tests.helpers.daemons import alive
+from tests.helpers.daemons import alive, mounts_under
 from tests.helpers.streams import wait_for
 from tests.integration.test_restart import (
     IMAGE,
     Env,
     assert_nothing_left,
     get_task,
-    mounts_under,
     running_env,
 )
 

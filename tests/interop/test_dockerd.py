@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import daemons, images
-from tests.helpers.daemons import alive
+from tests.helpers.daemons import alive, mounts_under
 
 pytestmark = pytest.mark.interop
 
@@ -63,12 +63,6 @@ class _UnixHTTP(http.client.HTTPConnection):
         s.settimeout(self.timeout)
         s.connect(self.unix_path)
         self.sock = s
-
-
-def mounts_under(path: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        targets = [line.split()[4] for line in f]
-    return [t for t in targets if t == path or t.startswith(path + "/")]
 
 
 @dataclass

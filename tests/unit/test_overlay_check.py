@@ -8,18 +8,14 @@ import pytest
 
 from pyctr.api.errdefs import FailedPrecondition
 from pyctr.snapshotter import overlay
-
-
-def _mounted_under(path: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(path)]
+from tests.helpers.daemons import mounts_under
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
 def test_check_mounts_an_overlay_and_leaves_nothing(tmp_path: str) -> None:
     root = str(tmp_path)
     overlay.check_supported(root)
-    assert os.listdir(root) == [] and _mounted_under(root) == []
+    assert os.listdir(root) == [] and mounts_under(root) == []
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
@@ -31,4 +27,4 @@ def test_check_says_why_overlay_cannot_mount(tmp_path: str) -> None:
     os.makedirs(root)
     with pytest.raises(FailedPrecondition, match="overlay is not supported here: "):
         overlay.check_supported(root)
-    assert os.listdir(root) == [] and _mounted_under(str(tmp_path)) == []
+    assert os.listdir(root) == [] and mounts_under(str(tmp_path)) == []
