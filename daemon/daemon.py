@@ -5,16 +5,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import structlog
-
 from pyctr.api import ttrpc
+from pyctr.api.log import get_logger
 from pyctr.daemon import plugin, sdnotify
 from pyctr.daemon.builtins import BUILTINS
 from pyctr.daemon.config import Config
 from pyctr.daemon.server import GRPCServer, LazyService, SocketInUse, prepare_socket
 from pyctr.daemon.services import import_in_background
 
-log = structlog.get_logger("pyctrd")
+log = get_logger("pyctrd")
 
 
 class StartError(RuntimeError):

@@ -13,14 +13,14 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
-import structlog
 from betterproto2 import Message
 
 from pyctr.api import filters, identifiers, typeurl
 from pyctr.api.errdefs import InvalidArgument, ResourceExhausted
+from pyctr.api.log import get_logger
 from pyctr.daemon import plugin
 
-log = structlog.get_logger("pyctrd.events")
+log = get_logger("pyctrd.events")
 
 QUEUE_SIZE = 1024
 

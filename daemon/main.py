@@ -11,13 +11,12 @@ import sys
 import time
 from collections.abc import Sequence
 
-import structlog
-
+from pyctr.api.log import get_logger
 from pyctr.api.version import REVISION, VERSION
 from pyctr.daemon import config as cfgmod
 from pyctr.daemon import logging as logmod
 
-log = structlog.get_logger("pyctrd")
+log = get_logger("pyctrd")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,11 +17,10 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
-
+from pyctr.api.log import get_logger
 from pyctr.daemon.config import Config
 
-log = structlog.get_logger("pyctrd.plugin")
+log = get_logger("pyctrd.plugin")
 
 # Plugin types, named as containerd names them.
 METADATA = "io.containerd.metadata.v1"

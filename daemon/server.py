@@ -39,16 +39,16 @@ from collections.abc import Callable, Collection
 from typing import Any, cast
 
 import betterproto2
-import structlog
 from grpclib.const import Handler, Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from pyctr.api import errdefs, filters, h2wire, namespaces, pbencode
+from pyctr.api.log import get_logger
 from pyctr.daemon import http2
 from pyctr.daemon.http2 import H2Error
 
-log = structlog.get_logger("pyctrd.server")
+log = get_logger("pyctrd.server")
 
 # Our side of flow control: what a client may send before we return credit (grpclib's defaults).
 STREAM_WINDOW = 4 << 20

@@ -17,16 +17,15 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import NamedTuple
 
-import structlog
-
 from pyctr.api import labels as labelkeys
+from pyctr.api.log import get_logger
 from pyctr.daemon.content.local import LocalStore
 from pyctr.daemon.gc import mark as gcmark
 from pyctr.daemon.gc.mark import Node
 from pyctr.daemon.metadata.db import DB, load_labels
 from pyctr.daemon.rwlock import RWLock
 
-log = structlog.get_logger("pyctrd.gc")
+log = get_logger("pyctrd.gc")
 
 
 class Graph:

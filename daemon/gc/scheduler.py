@@ -12,11 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-import structlog
-
+from pyctr.api.log import get_logger
 from pyctr.daemon.gc.collector import Collector, Stats
 
-log = structlog.get_logger("pyctrd.gc")
+log = get_logger("pyctrd.gc")
 
 
 def _seconds(value: object) -> float:

@@ -38,12 +38,11 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
-
 from pyctr.api import dockerconfig
 from pyctr.api.errdefs import InvalidArgument, PermissionDenied
+from pyctr.api.log import get_logger
 
-log = structlog.get_logger("pyctrd.remotes")
+log = get_logger("pyctrd.remotes")
 
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 # What Docker calls Docker Hub in config.json and passes to credential helpers.

@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
-
 from pyctr.api.errdefs import InvalidArgument
+from pyctr.api.log import get_logger
 
-log = structlog.get_logger("pyctrd.remotes")
+log = get_logger("pyctrd.remotes")
 
 CAPABILITIES = frozenset({"pull", "resolve", "push"})
 DOCKER_HUB_HOST = "registry-1.docker.io"

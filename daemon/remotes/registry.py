@@ -42,8 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin
 
-import structlog
-
 from pyctr.api import digest as digestmod
 from pyctr.api.errdefs import (
     ContainerdError,
@@ -55,6 +53,7 @@ from pyctr.api.errdefs import (
     ResourceExhausted,
     Unavailable,
 )
+from pyctr.api.log import get_logger
 from pyctr.daemon.remotes import errors
 from pyctr.daemon.remotes.auth import Authorizer, CredentialsFunc, TokenRequest
 from pyctr.daemon.remotes.hosts import RegistryHost, hosts_for, is_localhost
@@ -73,7 +72,7 @@ from pyctr.daemon.remotes.httpclient import (
 )
 from pyctr.daemon.remotes.reference import Reference
 
-log = structlog.get_logger("pyctrd.remotes")
+log = get_logger("pyctrd.remotes")
 
 MT_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 MT_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

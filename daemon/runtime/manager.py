@@ -15,9 +15,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-import structlog
-
 from pyctr.api import errdefs, pbutil
+from pyctr.api.log import get_logger
 from pyctr.api.mount import Mount
 from pyctr.daemon.events import Exchange
 from pyctr.daemon.runtime import bundle as bundlemod
@@ -32,7 +31,7 @@ if TYPE_CHECKING:
 # The shim client and the task API's messages are imported by the first task (created, or found
 # at start-up), not by every daemon start: a daemon with no tasks never needs them.
 
-log = structlog.get_logger("pyctrd.runtime")
+log = get_logger("pyctrd.runtime")
 
 DEFAULT_RUNTIMES = {"io.containerd.runc.v2": "containerd-shim-pyrunc-v2"}
 

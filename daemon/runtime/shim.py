@@ -25,14 +25,14 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import betterproto2
-import structlog
 
 from pyctr.api import errdefs, namespaces, pbencode, ttrpc
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api._pb.google.protobuf import Any as PbAny
+from pyctr.api.log import get_logger
 from pyctr.daemon.runtime.bundle import Bundle
 
-log = structlog.get_logger("pyctrd.runtime")
+log = get_logger("pyctrd.runtime")
 
 SERVICE = "containerd.task.v2.Task"
 START_TIMEOUT = 30.0

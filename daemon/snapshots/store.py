@@ -15,17 +15,16 @@ import builtins
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 
-import structlog
-
 from pyctr.api import filters, labels
 from pyctr.api.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from pyctr.api.identifiers import goquote
+from pyctr.api.log import get_logger
 from pyctr.api.mount import Mount
 from pyctr.daemon.metadata.db import DB, dump_labels, ensure_namespace, load_labels, next_sequence, now_ns
 from pyctr.daemon.metadata.leases import exists as lease_exists
 from pyctr.snapshotter.base import Info, Kind, Snapshotter, Usage
 
-log = structlog.get_logger("pyctrd.snapshots")
+log = get_logger("pyctrd.snapshots")
 
 TARGET_LABEL = "containerd.io/snapshot.ref"
 

@@ -26,9 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import structlog
-
 from pyctr.api import errdefs, platforms
+from pyctr.api.log import get_logger
 from pyctr.daemon.content.store import ContentStore
 from pyctr.daemon.diff.differ import Descriptor as DiffDescriptor
 from pyctr.daemon.diff.differ import Differ
@@ -42,7 +41,7 @@ from pyctr.daemon.remotes.registry import Descriptor, RegistryClient
 from pyctr.daemon.snapshots.store import SnapshotStore
 from pyctr.daemon.transfer import unpack
 
-log = structlog.get_logger("pyctrd.pull")
+log = get_logger("pyctrd.pull")
 
 INDEX_TYPES = {
     "application/vnd.oci.image.index.v1+json",

@@ -54,13 +54,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Self, cast
 
-import structlog
-
 from pyctr.api.errdefs import Canceled, InvalidArgument
+from pyctr.api.log import get_logger
 from pyctr.snapshotter.layer import plan
 from pyctr.snapshotter.layer.compression import CHUNK, Reader
 
-log = structlog.get_logger("pyctrd.layer")
+log = get_logger("pyctrd.layer")
 
 OVERLAY_OPAQUE_XATTR = "trusted.overlay.opaque"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

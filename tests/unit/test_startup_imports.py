@@ -35,6 +35,8 @@ DEFERRED = (
     "grpclib.server",
     "h2",
     "dateutil",
+    # structlog loads with the first line the daemon writes (pyctr.api.log).
+    "structlog",
     # Only a bundle delete unmounts (daemon/runtime/bundle.py loads ctypes then).
     "ctypes",
 )
