@@ -10,6 +10,7 @@ from pyctr.api.log import get_logger
 from pyctr.daemon import plugin, sdnotify
 from pyctr.daemon.builtins import BUILTINS
 from pyctr.daemon.config import Config
+from pyctr.daemon.runtime import bundle
 from pyctr.daemon.server import GRPCServer, LazyService, SocketInUse, prepare_socket
 from pyctr.daemon.services import import_in_background
 
@@ -42,13 +43,16 @@ class Daemon:
             ttrpc_sock = prepare_socket(cfg.ttrpc_address, cfg.ttrpc.uid, cfg.ttrpc.gid)
         except SocketInUse as exc:
             raise StartError(str(exc)) from None
-        # While the plugins initialise (mostly waiting on disk and subprocesses), a thread imports
-        # the service modules and the layer code, which start-up itself does not need: the first
-        # pull or run then finds them loaded (see import_in_background).
-        import_in_background(
-            (p.registration.id for p in self.registry.plugins if p.registration.type == plugin.GRPC),
-            LAYER_MODULES,
-        )
+        # A thread imports the service modules and the layer code, which start-up itself does not
+        # need, so the first pull or run finds them loaded (see import_in_background). On a fresh
+        # start it runs while the plugins initialise. On a restart with tasks to reconnect it waits
+        # until the daemon serves: every shim's reply then needs the GIL back from the importing
+        # thread (up to a 5 ms switch interval each), which made 50 reconnects take ~75 ms
+        # instead of ~27 ms.
+        services = [p.registration.id for p in self.registry.plugins if p.registration.type == plugin.GRPC]
+        reconnecting = bundle.any_left(os.path.join(cfg.state, f"{plugin.RUNTIME}.task"))
+        if not reconnecting:
+            import_in_background(services, LAYER_MODULES)
         try:
             await self.registry.init_all()
         except RuntimeError as exc:
@@ -61,11 +65,11 @@ class Daemon:
         for gc in self.registry.instances(plugin.GC):
             await gc.collect_at_startup()
 
-        services: list[Any] = []
+        handlers: list[Any] = []
         for instance in self.registry.instances(plugin.GRPC):
-            services.extend(instance if isinstance(instance, list | tuple) else [instance])
+            handlers.extend(instance if isinstance(instance, list | tuple) else [instance])
         self.grpc = GRPCServer(
-            [s for s in services if isinstance(s, LazyService) or hasattr(s, "__mapping__")],
+            [s for s in handlers if isinstance(s, LazyService) or hasattr(s, "__mapping__")],
             max_recv=cfg.grpc.max_recv_message_size,
             max_send=cfg.grpc.max_send_message_size,
         )
@@ -78,6 +82,8 @@ class Daemon:
         await self.ttrpc.serve_socket(ttrpc_sock)
         self._ttrpc_path = cfg.ttrpc_address
         sdnotify.notify("READY=1")
+        if reconnecting:
+            import_in_background(services, LAYER_MODULES)
 
     async def stop(self, grace: float = 10.0) -> None:
         sdnotify.notify("STOPPING=1")

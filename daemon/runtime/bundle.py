@@ -117,6 +117,15 @@ def create(state: str, root: str, ns: str, task_id: str, spec: bytes) -> Bundle:
     return b
 
 
+def any_left(state: str) -> bool:
+    """Whether the state directory holds a bundle: a restart with tasks to reconnect."""
+    try:
+        namespaces = [e for e in os.scandir(state) if e.is_dir() and not e.name.startswith(".")]
+        return any(not t.startswith(".") for ns in namespaces for t in os.listdir(ns.path))
+    except OSError:
+        return False
+
+
 def existing(state: str, root: str) -> list[Bundle]:
     """Every bundle left in the state directory (after a daemon restart)."""
     out: list[Bundle] = []
