@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import platform as _platform
+import os
 from dataclasses import dataclass
 
 from pyctr.api.errdefs import InvalidArgument
@@ -50,7 +50,7 @@ def parse(text: str) -> Platform:
 
 
 def default() -> Platform:
-    return normalize(Platform("linux", _platform.machine()))
+    return normalize(Platform("linux", os.uname().machine))
 
 
 def matches(candidate: Platform, wanted: Platform) -> bool:

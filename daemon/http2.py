@@ -21,7 +21,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
-from urllib.parse import quote
 
 from hpack import Decoder
 
@@ -67,12 +66,16 @@ def content_type(value: str) -> bytes:
     return _CONTENT_TYPE_NAME + hpack_string(value)
 
 
-# gRPC percent-encodes grpc-message: everything outside printable ASCII, and "%" itself.
-_UNQUOTED = "".join(chr(i) for i in range(0x20, 0x7F) if chr(i) != "%")
-
-
 def grpc_message(message: str) -> str:
-    return quote(message, safe=_UNQUOTED, encoding="utf-8")
+    """gRPC percent-encodes grpc-message: UTF-8 bytes outside printable ASCII, and "%" itself.
+
+    (urllib.parse.quote does the same, but importing it and ipaddress costs ~3 ms of start-up.)
+    """
+    if message.isascii() and message.isprintable() and "%" not in message:
+        return message
+    return "".join(
+        c if " " <= c <= "~" and c != "%" else "".join(f"%{b:02X}" for b in c.encode()) for c in message
+    )
 
 
 def status_fields(status: int, message: str | None) -> bytes:

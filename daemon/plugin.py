@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import platform
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,7 +100,8 @@ class InitContext:
 
     def set_platform(self, os_: str = "linux", arch: str = "", variant: str = "") -> None:
         """Declare the platform this plugin serves (the host's architecture by default)."""
-        arch = arch or {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+        machine = os.uname().machine  # platform.machine() is this, behind a ~1.3 ms import
+        arch = arch or {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine)
         self._plugin.platforms.append((os_, arch, variant))
 
     def _check_ready(self, p: Plugin) -> None:

@@ -767,3 +767,15 @@ def test_grpc_timeout(value: str, seconds: float) -> None:
 def test_bad_grpc_timeout(value: str) -> None:
     with pytest.raises(ValueError):
         http2.parse_timeout(value)
+
+
+def test_grpc_message_is_percent_encoded_as_grpc_specifies() -> None:
+    """Printable ASCII except "%" stays; every other character goes as its UTF-8 bytes, %XX."""
+    from urllib.parse import quote
+
+    from pyctr.daemon.http2 import grpc_message
+
+    safe = "".join(chr(i) for i in range(0x20, 0x7F) if chr(i) != "%")
+    for text in ("plain", "", "100% sure", "tab\tand\nnewline", "héllo €", "\x00\x7f", "emoji 😀"):
+        assert grpc_message(text) == quote(text, safe=safe, encoding="utf-8"), text
+    assert grpc_message("a%b\n") == "a%25b%0A"
