@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from pyctr.shim import mount
+from pyctr.api import mount
 
 
 async def mount_rootfs(bundle: str, mounts: list[mount.Mount]) -> str:

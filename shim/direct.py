@@ -21,9 +21,9 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pyctr.api import mount
 from pyctr.api import pblite as pw
 from pyctr.api.errdefs import FailedPrecondition, NotFound, Unknown
-from pyctr.shim import mount
 from pyctr.shim.process.init import kill_error, runtime_error
 from pyctr.shim.process.state import Op
 from pyctr.shim.runc import RuncError, command_line, log_size, logged_error
@@ -207,7 +207,7 @@ def delete(k: Keeper, job: Job, container: Container, proc: Proc) -> bool:
 
 
 def unmount(k: Keeper, target: str, then: Callable[[OSError | None], None], busy: int = 0) -> None:
-    """:func:`pyctr.shim.mount.unmount_all` on the keeper's loop: EBUSY pauses become timers."""
+    """:func:`pyctr.api.mount.unmount_all` on the keeper's loop: EBUSY pauses become timers."""
     if not target:
         then(None)
         return

@@ -419,6 +419,7 @@ def _warm_up() -> None:
     import betterproto2
 
     import pyctr.shim.__main__  # noqa: F401
+    from pyctr.api import mount
     from pyctr.api._pb.containerd import events
     from pyctr.api._pb.containerd.runc import v1 as runc_v1
     from pyctr.api._pb.containerd.task import v2 as task_v2
@@ -434,6 +435,7 @@ def _warm_up() -> None:
             ):
                 with contextlib.suppress(Exception):
                     value.parse(bytes(value()))
+    mount.libc()  # typed once here: a lookup after the fork would cost every shim private pages
     server.setup_logging(False)
     logging.getLogger("pyctr.shim").info("launcher warm-up")  # fd 2 is /dev/null here
     for failure in keeper.warm_up():

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import betterproto2
 
+from pyctr.api import mount
 from pyctr.api._pb.containerd import events as ev
 from pyctr.api._pb.containerd.runc.v1 import CheckpointOptions, ProcessDetails
 from pyctr.api._pb.containerd.task import v2 as task
@@ -52,7 +53,7 @@ from pyctr.api.errdefs import (
     Unknown,
     to_status,
 )
-from pyctr.shim import cgroups, mount
+from pyctr.shim import cgroups
 from pyctr.shim.bundle import (
     INIT_PID_FILE,
     kill_all_on_exit,
@@ -226,7 +227,7 @@ class Worker:
             raise AlreadyExists(f"container {req.id}")
         options = parse_runc_options(req.options)
         write_bundle_files(req.bundle, options)
-        mounts = [mount.Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+        mounts = [mount.Mount(m.type, m.source, options=tuple(m.options)) for m in req.rootfs]
         rootfs = await mount_rootfs(req.bundle, mounts)
         config = {
             "command": options.binary_name or "runc",

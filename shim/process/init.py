@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+from pyctr.api import mount
 from pyctr.api.errdefs import ContainerdError, NotFound, Unknown
-from pyctr.shim import mount
 from pyctr.shim.runc import RuncError
 
 

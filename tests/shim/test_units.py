@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 
+from pyctr.api import mount, ttrpc
 from pyctr.api import pblite as pw
-from pyctr.api import ttrpc
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api.errdefs import NotFound, Unknown
-from pyctr.shim import address, cgroups, mount
+from pyctr.shim import address, cgroups
 from pyctr.shim.__main__ import UsageError, parse_flags
 from pyctr.shim.bundle import RuncOptions, kill_all_on_exit, runc_root
 from pyctr.shim.process.state import EXEC, INIT, Op, State, transition
@@ -311,11 +311,15 @@ def test_readonly_bind_mount_and_unmount_all(tmp_path: object) -> None:
     os.makedirs(src)
     os.makedirs(dst)
     try:
-        mount.mount_all([mount.Mount("bind", src, ("rbind", "ro")), mount.Mount("bind", src, ("bind",))], dst)
+        stacked = [
+            mount.Mount("bind", src, options=("rbind", "ro")),
+            mount.Mount("bind", src, options=("bind",)),
+        ]
+        mount.mount_all(stacked, dst)
         assert is_mounted(dst)
         mount.unmount_all(dst)  # both stacked mounts
         assert not is_mounted(dst)
-        mount.mount_all([mount.Mount("bind", src, ("rbind", "ro"))], dst)
+        mount.mount_all([mount.Mount("bind", src, options=("rbind", "ro"))], dst)
         with pytest.raises(OSError):
             open(os.path.join(dst, "f"), "w").close()  # the read-only remount took effect
     finally:
@@ -338,7 +342,7 @@ def test_long_overlay_lowerdirs_are_compacted(tmp_path: object) -> None:
     option = "lowerdir=" + ":".join(lowers)
     assert len(option) > 4096
     try:
-        mount.mount_all([mount.Mount("overlay", "overlay", (option,))], target)
+        mount.mount_all([mount.Mount("overlay", "overlay", options=(option,))], target)
         assert sorted(os.listdir(target)) == sorted(f"f{i}" for i in range(60))
     finally:
         mount.unmount_all(target)
