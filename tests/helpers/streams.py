@@ -87,13 +87,22 @@ def log_records(path: str) -> Iterator[dict[str, Any]]:
                 continue
 
 
-def wait_for(check: Callable[[], T], timeout: float = 5.0, interval: float = 0.02) -> T:
-    """Poll ``check`` until it returns something truthy; AssertionError after ``timeout``."""
+def wait_for(
+    check: Callable[[], T],
+    timeout: float = 5.0,
+    interval: float = 0.02,
+    message: Callable[[], object] | None = None,
+) -> T:
+    """Poll ``check`` until it returns something truthy; AssertionError after ``timeout``.
+
+    ``message`` is called only on failure, for diagnostics gathered then (a log's tail, a listing).
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+            detail = f": {message()}" if message is not None else ""
+            raise AssertionError(f"condition not met within {timeout}s (last value {value!r}){detail}")
         time.sleep(interval)

@@ -24,7 +24,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ import pytest
 
 from tests.helpers import daemons, images
 from tests.helpers.daemons import alive, mounts_under
+from tests.helpers.streams import wait_for
 
 pytestmark = pytest.mark.interop
 
@@ -40,15 +41,6 @@ DOCKER = "/usr/bin/docker"  # the 20.10 client; /usr/local/bin/docker may be a n
 IMAGE = "busybox:latest"
 NONE = ("--network", "none")
 SUBSCRIBED = '"event": "event subscriber added"'  # pyctrd's log line for each Events/Subscribe
-
-
-def wait_until(cond: Callable[[], bool], timeout: float = 10.0, step: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 class _UnixHTTP(http.client.HTTPConnection):
@@ -123,8 +115,12 @@ class Dockerd:
                 argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
             )
         proc = self.proc
-        if not wait_until(lambda: proc.poll() is not None or self.ping(), timeout=30):
-            raise TimeoutError(f"dockerd did not answer /_ping within 30 s:\n{self.log()[-3000:]}")
+        wait_for(
+            lambda: proc.poll() is not None or self.ping(),
+            timeout=30,
+            interval=0.05,
+            message=lambda: f"dockerd did not answer /_ping:\n{self.log()[-3000:]}",
+        )
         if proc.poll() is not None:
             raise RuntimeError(f"dockerd exited with {proc.returncode}:\n{self.log()[-3000:]}")
         self.starts.append(time.monotonic() - t0)
@@ -201,7 +197,7 @@ class Env:
     def assert_moby_empty(self) -> None:
         # dockerd deletes the containerd container at the end of its exit path, which may trail
         # the CLI's return by a few RPCs.
-        assert wait_until(self.moby_empty, timeout=5), (self.tasks(), self.containers())
+        wait_for(self.moby_empty, timeout=5, message=lambda: (self.tasks(), self.containers()))
 
     def subscriptions(self) -> int:
         return self.pyd.log().count(SUBSCRIBED)
@@ -251,7 +247,9 @@ def _teardown(env: Env) -> list[str]:
                 daemons.run([env.ctr, "-a", pyd.address, "-n", "moby", "tasks", "rm", "-f", cid])
     pyd.stop()
     _stop_launcher(pyd)
-    if not wait_until(lambda: not _processes_naming(pyd.base), timeout=5):
+    try:
+        wait_for(lambda: not _processes_naming(pyd.base), timeout=5, interval=0.05)
+    except AssertionError:
         left_pids = _processes_naming(pyd.base)
         problems.append(f"processes left: {left_pids}")
         for pid in left_pids:
@@ -397,7 +395,7 @@ def test_pyctrd_killed_and_restarted_under_dockerd(env: Env) -> None:
     # dockerd polls Health/Check until pyctrd serves again, then subscribes once per namespace
     # (moby, plugins.moby). An exit reported before that would be lost to it (as with containerd),
     # so the test waits for both subscriptions.
-    assert wait_until(lambda: env.subscriptions() >= before + 2, timeout=20), env.pyd.log()[-3000:]
+    wait_for(lambda: env.subscriptions() >= before + 2, timeout=20, message=lambda: env.pyd.log()[-3000:])
     assert alive(pid)
     assert env.tasks()[cid] == [str(pid), "RUNNING"]
 
@@ -426,7 +424,7 @@ def test_live_restore_keeps_the_container(env: Env) -> None:
     script = 'trap "exit 9" TERM; i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.1; done'
     cid = dk.ok("run", "-d", *NONE, IMAGE, "sh", "-c", script).strip()
     pid = _pid(env, cid)
-    assert wait_until(lambda: len(_ticks(dk, cid)) >= 2)
+    wait_for(lambda: len(_ticks(dk, cid)) >= 2, timeout=10, interval=0.05)
 
     dk.stop()  # with --live-restore, dockerd leaves its containers running
     assert alive(pid)
@@ -438,7 +436,7 @@ def test_live_restore_keeps_the_container(env: Env) -> None:
     assert dk.inspect(cid, "{{.State.Running}} {{.State.Pid}}") == f"true {pid}"
     assert dk.ok("exec", cid, "echo", "restored") == "restored\n"
     seen = len(_ticks(dk, cid))
-    assert wait_until(lambda: len(_ticks(dk, cid)) > seen + 2)
+    wait_for(lambda: len(_ticks(dk, cid)) > seen + 2, timeout=10, interval=0.05)
     ticks = _ticks(dk, cid)
     assert ticks == list(range(len(ticks)))  # the log went on across the restart, nothing lost
 
