@@ -18,7 +18,7 @@ from pyctr.api._pb.containerd.types import Metric
 from pyctr.api._pb.containerd.v1.types import Process, ProcessInfo, Status
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api._pb.google.protobuf import Empty
-from pyctr.api.errdefs import AlreadyExists, NotFound, NotImplementedErr
+from pyctr.api.errdefs import AlreadyExists, ContainerdError, FailedPrecondition, NotFound, NotImplementedErr
 from pyctr.daemon import plugin
 from pyctr.daemon.metadata import containers as cstore
 from pyctr.daemon.metadata.db import DB
@@ -238,9 +238,39 @@ class TasksService(pb.TasksBase):
 
     async def checkpoint(self, message: pb.CheckpointTaskRequest) -> pb.CheckpointTaskResponse:
         await self._task(message.container_id)
-        if shutil.which("criu") is None:
-            raise NotImplementedErr("checkpoint needs criu, which is not installed")
-        raise NotImplementedErr("checkpoint images are not supported yet")
+        raise await checkpoint_unavailable()
+
+
+# What `criu check` said, once per daemon: the host's kernel and criu do not change under it.
+_criu_check: str | None = None
+
+
+async def checkpoint_unavailable() -> ContainerdError:
+    """Why Checkpoint cannot be served here, in the words of the tool that decides it.
+
+    Checkpoint and restore (``runc checkpoint`` / ``runc restore`` through the shim, the image in
+    the content store) are not implemented. A client learns first what its host lacks: criu
+    itself, or a criu that cannot run on this kernel (``criu check`` fails; criu 3.17 on a 6.x
+    kernel stops at the vDSO, for one).
+    """
+    global _criu_check
+    criu = shutil.which("criu")
+    if criu is None:
+        return NotImplementedErr("checkpoint needs criu, which is not installed")
+    if _criu_check is None:
+        proc = await asyncio.create_subprocess_exec(
+            criu, "check", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+        )
+        _, err = await proc.communicate()
+        lines = [line.strip() for line in err.decode(errors="replace").splitlines() if line.strip()]
+        _criu_check = (
+            "" if proc.returncode == 0 else (lines[0] if lines else f"exit status {proc.returncode}")
+        )
+    if _criu_check:
+        return FailedPrecondition(
+            f"checkpoint needs criu, and `criu check` fails on this host: {_criu_check}"
+        )
+    return NotImplementedErr("checkpoint and restore are not implemented (criu is installed and works)")
 
 
 def service(ic: plugin.InitContext) -> TasksService:
