@@ -181,8 +181,10 @@ class Cgroup:
 def v1_metrics(dirs: dict[str, str]) -> bytes:
     out = b""
     if pids := dirs.get("pids"):
+        # v1 reports an unlimited pids.max ("max") as limit 0, where v2 reports it as 2^64-1.
+        limit = _uint(f"{pids}/pids.max")
         out += pw.message(
-            2, pw.uint(1, _uint(f"{pids}/pids.current")) + pw.uint(2, _uint(f"{pids}/pids.max"))
+            2, pw.uint(1, _uint(f"{pids}/pids.current")) + pw.uint(2, 0 if limit == _MAX else limit)
         )
     cpuacct, cpu = dirs.get("cpuacct"), dirs.get("cpu")
     if cpuacct or cpu:
