@@ -178,8 +178,66 @@ class Cgroup:
         return self.path if self.v2 else self.dirs.get("memory", "")
 
 
-def v1_metrics(dirs: dict[str, str]) -> bytes:
+def hugepage_sizes(root: str = "/sys/kernel/mm/hugepages") -> list[str]:
+    """The host's huge page sizes as cgroup files name them ("2MB", "1GB"), from the
+    ``hugepages-<n>kB`` directories, in directory-name order as containerd lists them."""
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        return []
+    sizes = []
+    for name in names:
+        kib = name.removeprefix("hugepages-").removesuffix("kB")
+        if not kib.isdigit():
+            continue
+        value, unit = float(kib), 1  # in KB; as docker's units.CustomSize, base 1024
+        while value >= 1024 and unit < len(_SIZE_UNITS) - 1:
+            value, unit = value / 1024, unit + 1
+        sizes.append(f"{value:g}{_SIZE_UNITS[unit]}")
+    return sizes
+
+
+_SIZE_UNITS = ("B", "KB", "MB", "GB", "TB", "PB")
+
+
+def _rdma_entries(path: str) -> list[bytes]:
+    """RdmaEntry bodies of rdma.current or rdma.max: ``<device> hca_handle=N hca_object=N`` lines
+    ("max" is 2^32-1, the fields being uint32)."""
+    entries = []
+    for line in _read(path).splitlines():
+        parts = line.split()
+        if len(parts) != 3:
+            continue
+        counts = {"hca_handle": 0, "hca_object": 0}
+        for pair in parts[1:]:
+            key, _, value = pair.partition("=")
+            if key in counts:
+                counts[key] = (1 << 32) - 1 if value == "max" else int(value) if value.isdigit() else 0
+        entries.append(
+            pw.string(1, parts[0]) + pw.uint(2, counts["hca_handle"]) + pw.uint(3, counts["hca_object"])
+        )
+    return entries
+
+
+def _rdma(path: str) -> bytes:
+    """An RdmaStat body: the current use and the limits, per device."""
+    return pw.repeated(1, _rdma_entries(f"{path}/rdma.current")) + pw.repeated(
+        2, _rdma_entries(f"{path}/rdma.max")
+    )
+
+
+def v1_metrics(dirs: dict[str, str], hugepages: list[str] | None = None) -> bytes:
     out = b""
+    if hugetlb := dirs.get("hugetlb"):
+        for size in hugepage_sizes() if hugepages is None else hugepages:
+            prefix = f"{hugetlb}/hugetlb.{size}"
+            out += pw.message(
+                1,
+                pw.uint(1, _uint(f"{prefix}.usage_in_bytes"))
+                + pw.uint(2, _uint(f"{prefix}.max_usage_in_bytes"))
+                + pw.uint(3, _uint(f"{prefix}.failcnt"))
+                + pw.string(4, size),
+            )
     if pids := dirs.get("pids"):
         # v1 reports an unlimited pids.max ("max") as limit 0, where v2 reports it as 2^64-1.
         limit = _uint(f"{pids}/pids.max")
@@ -227,6 +285,8 @@ def v1_metrics(dirs: dict[str, str]) -> bytes:
         out += pw.message(4, body)
     if blkio := dirs.get("blkio"):
         out += pw.message(5, v1_blkio(blkio))
+    if rdma := dirs.get("rdma"):
+        out += pw.message(6, _rdma(rdma))
     if memory:
         oom = _flat_keyed(f"{memory}/memory.oom_control")
         out += pw.message(
@@ -295,10 +355,29 @@ def v2_metrics(path: str) -> bytes:
         + pw.uint(35, _uint(f"{path}/memory.swap.max"))
     )
     out += pw.message(4, memory)
+    out += pw.message(5, _rdma(path))
     out += pw.message(6, b"".join(pw.message(1, entry) for entry in _v2_io(f"{path}/io.stat")))
+    out += pw.repeated(7, _v2_hugetlb(path))
     events = _flat_keyed(f"{path}/memory.events")
     out += pw.message(8, b"".join(pw.uint(n, events.get(k, 0)) for k, n in _V2_MEMORY_EVENTS.items()))
     return out
+
+
+def _v2_hugetlb(path: str) -> list[bytes]:
+    """HugeTlbStat bodies from ``hugetlb.<size>.current`` and ``.max``, one per page size."""
+    sizes: dict[str, dict[str, int]] = {}
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return []
+    for name in names:
+        parts = name.split(".")
+        if len(parts) == 3 and parts[0] == "hugetlb" and parts[2] in ("current", "max"):
+            sizes.setdefault(parts[1], {})[parts[2]] = _uint(f"{path}/{name}")
+    return [
+        pw.uint(1, values.get("current", 0)) + pw.uint(2, values.get("max", 0)) + pw.string(3, size)
+        for size, values in sorted(sizes.items())
+    ]
 
 
 def _v2_io(path: str) -> list[bytes]:

@@ -659,3 +659,58 @@ def test_launcher_fills_the_holes_in_its_heap_before_forking() -> None:
     assert used > 0
     assert after <= classes + 6, (before, after)
     assert before >= 1.5 * after, (before, after)  # without the fill they scatter
+
+
+def test_hugepage_sizes_are_named_as_containerd_names_them(tmp_path: object) -> None:
+    root = str(tmp_path)
+    for name in ("hugepages-2048kB", "hugepages-1048576kB", "hugepages-64kB", "not-a-size"):
+        os.makedirs(os.path.join(root, name))
+    assert cgroups.hugepage_sizes(root) == ["1GB", "2MB", "64KB"]
+    assert cgroups.hugepage_sizes(os.path.join(root, "missing")) == []
+
+
+def test_v1_hugetlb_and_rdma(tmp_path: object) -> None:
+    base = str(tmp_path)
+    dirs = {c: os.path.join(base, c, "ctr") for c in ("hugetlb", "rdma")}
+    _write_tree(
+        base,
+        {
+            "hugetlb/ctr/hugetlb.2MB.usage_in_bytes": "4194304\n",
+            "hugetlb/ctr/hugetlb.2MB.max_usage_in_bytes": "6291456\n",
+            "hugetlb/ctr/hugetlb.2MB.failcnt": "1\n",
+            "rdma/ctr/rdma.current": "mlx4_0 hca_handle=2 hca_object=2000\n",
+            "rdma/ctr/rdma.max": "mlx4_0 hca_handle=max hca_object=max\n",
+        },
+    )
+    fields = list(pw.fields(cgroups.v1_metrics(dirs, hugepages=["1GB", "2MB"])))
+    hugetlb = [_message(v) for n, v in fields if n == 1]  # type: ignore[arg-type]
+    assert hugetlb == [{4: b"1GB"}, {1: 4194304, 2: 6291456, 3: 1, 4: b"2MB"}]
+    rdma = [(n, _message(v)) for n, v in pw.fields(dict(fields)[6])]  # type: ignore[arg-type]
+    assert rdma == [
+        (1, {1: b"mlx4_0", 2: 2, 3: 2000}),
+        (2, {1: b"mlx4_0", 2: (1 << 32) - 1, 3: (1 << 32) - 1}),
+    ]
+
+
+def test_v2_hugetlb_and_rdma(tmp_path: object) -> None:
+    path = str(tmp_path)
+    metrics = dict(pw.fields(cgroups.v2_metrics(path)))
+    assert metrics[5] == b"" and 7 not in metrics  # no rdma files: empty RdmaStat; no hugetlb
+    _write_tree(
+        path,
+        {
+            "hugetlb.2MB.current": "2097152\n",
+            "hugetlb.2MB.max": "max\n",
+            "hugetlb.2MB.rsvd.current": "0\n",  # reservations: not in containerd's HugeTlbStat
+            "hugetlb.2MB.events": "max 0\n",
+            "hugetlb.1GB.current": "0\n",
+            "hugetlb.1GB.max": "0\n",
+            "rdma.current": "mlx4_0 hca_handle=1 hca_object=10\n",
+        },
+    )
+    fields = list(pw.fields(cgroups.v2_metrics(path)))
+    assert [_message(v) for n, v in fields if n == 7] == [  # type: ignore[arg-type]
+        {3: b"1GB"},
+        {1: 2097152, 2: (1 << 64) - 1, 3: b"2MB"},
+    ]
+    assert [(n, _message(v)) for n, v in pw.fields(dict(fields)[5])] == [(1, {1: b"mlx4_0", 2: 1, 3: 10})]  # type: ignore[arg-type]
