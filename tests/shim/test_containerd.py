@@ -11,11 +11,13 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 
 import pytest
 
+from tests.helpers.streams import wait_for
 from tests.shim import harness
 from tests.shim.harness import Containerd
 
@@ -169,6 +171,19 @@ def test_oom_event(ctrd: Containerd) -> None:
         stderr=subprocess.DEVNULL,
         text=True,
     )
+    lines: list[str] = []
+
+    def collect() -> None:
+        assert events.stdout is not None
+        for line in events.stdout:
+            lines.append(line)
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
+
+    def topics() -> list[str]:
+        return [line.split()[5] for line in list(lines) if '"oom1"' in line and len(line.split()) > 5]
+
     try:
         time.sleep(0.2)
         hog = "x=$(head -c 67108864 /dev/zero | tr '\\0' a); echo ${#x}"
@@ -178,14 +193,20 @@ def test_oom_event(ctrd: Containerd) -> None:
                 check=False,
             )
         assert result.returncode == 137
-        time.sleep(0.3)
+        # The shim forwards its events asynchronously (containerd publishes /tasks/delete itself):
+        # wait for the whole sequence rather than for a fixed time.
+        wait_for(
+            lambda: {"/tasks/oom", "/tasks/exit", "/tasks/delete"} <= set(topics()),
+            timeout=10,
+            message=lambda: "".join(lines),
+        )
     finally:
         events.send_signal(signal.SIGTERM)
-        out, _ = events.communicate(timeout=5)
-    topics = [line.split()[5] for line in out.splitlines() if '"oom1"' in line and len(line.split()) > 5]
-    assert "/tasks/oom" in topics
-    assert topics.index("/tasks/start") < topics.index("/tasks/oom") < topics.index("/tasks/exit")
-    assert topics.index("/tasks/exit") < topics.index("/tasks/delete")
+        events.wait(5)
+        reader.join(5)
+    seen = topics()
+    assert seen.index("/tasks/start") < seen.index("/tasks/oom") < seen.index("/tasks/exit")
+    assert seen.index("/tasks/exit") < seen.index("/tasks/delete")
 
 
 def _uss_mib(pid: int) -> float:
