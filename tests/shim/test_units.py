@@ -714,3 +714,38 @@ def test_v2_hugetlb_and_rdma(tmp_path: object) -> None:
         {1: 2097152, 2: (1 << 64) - 1, 3: b"2MB"},
     ]
     assert [(n, _message(v)) for n, v in pw.fields(dict(fields)[5])] == [(1, {1: b"mlx4_0", 2: 1, 3: 10})]  # type: ignore[arg-type]
+
+
+def test_pyctr_decodes_every_metric_the_shim_sends(tmp_path: object) -> None:
+    """The shim's encoder and pyctr's field tables (`pyctr tasks metrics`) name the same fields."""
+    from pyctr.ctr.commands.tasks import decode_message
+
+    base = str(tmp_path)
+    v1_dirs = {c: os.path.join(base, "v1", c) for c in ("hugetlb", "rdma", "pids", "memory")}
+    _write_tree(
+        base,
+        {
+            "v1/hugetlb/hugetlb.2MB.usage_in_bytes": "4194304\n",
+            "v1/rdma/rdma.current": "mlx4_0 hca_handle=2 hca_object=2000\n",
+            "v1/rdma/rdma.max": "mlx4_0 hca_handle=max hca_object=max\n",
+            "v1/pids/pids.current": "3\n",
+            "v1/memory/memory.usage_in_bytes": "413696\n",
+            "v1/memory/memory.oom_control": "oom_kill 2\n",
+            "v2/pids.current": "2\n",
+            "v2/rdma.current": "mlx4_0 hca_handle=1 hca_object=10\n",
+            "v2/hugetlb.2MB.current": "2097152\n",
+            "v2/io.stat": "254:0 rbytes=4096 wbytes=8192 rios=1 wios=2\n",
+        },
+    )
+    v1 = decode_message(cgroups.v1_metrics(v1_dirs, hugepages=["2MB"]), "v1.Metrics")
+    assert not [k for k in v1 if k.startswith("field_")], v1
+    assert v1["hugetlb"] == [{"usage": 4194304, "max": 0, "failcnt": 0, "pagesize": "2MB"}]
+    assert v1["rdma"]["current"] == [{"device": "mlx4_0", "hca_handles": 2, "hca_objects": 2000}]
+    assert v1["rdma"]["limit"][0]["hca_handles"] == (1 << 32) - 1
+    assert v1["pids"] == {"current": 3, "limit": 0}
+    assert v1["memory"]["usage"]["usage"] == 413696 and v1["memory_oom_control"]["oom_kill"] == 2
+    v2 = decode_message(cgroups.v2_metrics(os.path.join(base, "v2")), "v2.Metrics")
+    assert not [k for k in v2 if k.startswith("field_")], v2
+    assert v2["rdma"] == {"current": [{"device": "mlx4_0", "hca_handles": 1, "hca_objects": 10}]}
+    assert v2["hugetlb"] == [{"current": 2097152, "max": 0, "pagesize": "2MB"}]
+    assert v2["io"]["usage"][0]["wbytes"] == 8192 and v2["pids"]["current"] == 2
