@@ -52,11 +52,7 @@ class Daemon:
     env: dict[str, str] | None = None  # added to os.environ for the daemon process
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
@@ -73,6 +69,15 @@ class Daemon:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def read_log(path: str) -> str:
+    """A daemon's log file as text, "" while it does not exist (or cannot be read)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def alive(pid: int) -> bool:

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 
 from tests.helpers import daemons, images
-from tests.helpers.daemons import alive, mounts_under
+from tests.helpers.daemons import alive, mounts_under, read_log
 from tests.helpers.streams import wait_for
 
 pytestmark = pytest.mark.interop
@@ -80,9 +80,7 @@ class Dockerd:
         return os.path.join(self.base, "dockerd.log")
 
     def log(self) -> str:
-        with contextlib.suppress(OSError), open(self.log_path, errors="replace") as f:
-            return f.read()
-        return ""
+        return read_log(self.log_path)
 
     def start(self, live_restore: bool = False) -> None:
         config = os.path.join(self.base, "daemon.json")

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-from tests.helpers.daemons import wait_for_socket
+from tests.helpers.daemons import read_log, wait_for_socket
 from tests.shim import image
 
 RUNTIME = "io.containerd.pyrunc.v2"
@@ -97,11 +97,7 @@ class Containerd:
         return os.path.join(self.base, "containerd.log")
 
     def log(self) -> str:
-        try:
-            with open(self.log_path, errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
+        return read_log(self.log_path)
 
     def bundle(self, id: str, namespace: str = NAMESPACE) -> str:
         return os.path.join(self.state, "io.containerd.runtime.v2.task", namespace, id)
