@@ -50,7 +50,7 @@ class Daemon:
         # thread (up to a 5 ms switch interval each), which made 50 reconnects take ~75 ms
         # instead of ~27 ms.
         services = [p.registration.id for p in self.registry.plugins if p.registration.type == plugin.GRPC]
-        reconnecting = bundle.any_left(os.path.join(cfg.state, f"{plugin.RUNTIME}.task"))
+        reconnecting = bundle.any_left(os.path.join(cfg.state, bundle.STATE_DIR))
         if not reconnecting:
             import_in_background(services, LAYER_MODULES)
         try:
