@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from pyctr.api import pblite as pw
+from pyctr.api.binaries import find_binary
 from pyctr.api.mount import unmount_all
-from pyctr.shim.bundle import INIT_PID_FILE, find_binary, read_options, read_pid_file, runc_root
+from pyctr.shim.bundle import INIT_PID_FILE, read_options, read_pid_file, runc_root
 
 NAME = "containerd-shim-pyrunc-v2"
 _SIGKILL_STATUS = 128 + 9

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -139,16 +138,3 @@ def kill_all_on_exit(bundle: str) -> bool:
 def read_pid_file(path: str) -> int:
     with open(path) as f:
         return int(f.read().strip())
-
-
-# Debian installs runc in an sbin directory, which a daemon's PATH may lack.
-_SBIN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-def find_binary(name: str) -> str:
-    """``name`` looked up on PATH and then the sbin directories; returned as is when not found."""
-    if os.sep in name:
-        return name
-    path = os.environ.get("PATH", "")
-    found = shutil.which(name, path=f"{path}:{_SBIN_PATH}" if path else _SBIN_PATH)
-    return found or name

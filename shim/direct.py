@@ -3,8 +3,9 @@
 Why: a worker costs ~4 ms before runc even starts (the fork, its copy-on-write faults, a loop and a
 reaper thread), a third of a ``runc start`` or ``runc delete``. These calls need nothing the keeper
 lacks: the table, one runc command with no stdio of its own, at most a few files. So Start of an
-init, Kill, Delete, Pause, Resume and the internal "killall" run here; Create, Exec and an exec's
-Start (stdio, consoles), Update, Pids, Stats and Checkpoint still go to a worker.
+init, Kill, Delete, Pause, Resume and the internal "killall" run here; Create, Exec, an exec's Start
+and that of an init created from a checkpoint (stdio, consoles), Update, Pids, Stats and Checkpoint
+still go to a worker.
 
 Each handler takes the job the keeper made current (so exits stay held during a Start, as with a
 worker) and ends it with :meth:`Keeper.finish` and the same result a worker would send: reply or
@@ -95,8 +96,8 @@ def _request(payload: bytes) -> dict[int, Any]:
 
 
 def start(k: Keeper, job: Job, container: Container, proc: Proc) -> bool:
-    if not proc.init:
-        return False  # runc exec: stdio and maybe a console, a worker's job
+    if not proc.init or container.config.get("restore"):
+        return False  # runc exec or runc restore: stdio and maybe a console, a worker's job
     before, after = proc.state, proc.check(Op.START)
 
     def started(err: RuncError | None) -> None:

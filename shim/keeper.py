@@ -1086,7 +1086,8 @@ class Keeper:
                 d["id"], d["bundle"], init, kill_all_on_exit=d["kill_all"], config=d["config"]
             )
             self.table.containers[container.id] = container
-            self.attach(init, d["pid"], io, fds)
+            if d["pid"]:  # 0: created from a checkpoint, its process comes with Start (runc restore)
+                self.attach(init, d["pid"], io, fds)
             return
         container = self.table.containers[update[1]]
         if kind == "exec":
@@ -1101,9 +1102,10 @@ class Keeper:
                 d["terminal"],
                 spec=d["spec"],
             )
-        elif kind == "started":
+        elif kind == "started":  # an exec's runc exec, or an init's runc restore
             _, _, exec_id, pid, io = update
-            proc = container.execs[exec_id]
+            proc = container.process(exec_id)
+            assert proc is not None
             before = proc.state
             self.attach(proc, pid, io, fds)
             proc.commit(before, State.RUNNING)
@@ -1117,6 +1119,8 @@ class Keeper:
             proc = container.execs[exec_id]
             proc.mark_exited(status, ts)
             self.release(proc)
+        elif kind == "config":
+            container.config.update(update[2])
         elif kind == "oom":
             _, _, desc, indexes = update
             if container.oom is None:

@@ -19,7 +19,7 @@ import json
 import os
 from collections.abc import Sequence
 
-from pyctr.shim.bundle import find_binary
+from pyctr.api.binaries import find_binary
 from pyctr.shim.reaper import Exit, Reaper
 
 
@@ -260,3 +260,29 @@ class Runc:
         for ns in empty_namespaces:
             args += ["--empty-ns", ns]
         await self._run([*args, id])
+
+    async def restore(
+        self,
+        id: str,
+        bundle: str,
+        *,
+        image_path: str,
+        work_path: str,
+        pid_file: str,
+        stdio: tuple[int, int, int] | None,
+        parent_path: str = "",
+        console_socket: str = "",
+        no_pivot: bool = False,
+    ) -> None:
+        """``runc restore --detach``: the restored init is re-parented to the nearest subreaper (the
+        keeper), as a created one is; ``-no-subreaper`` keeps runc from becoming one itself."""
+        args = ["restore", "--image-path", image_path, "--work-path", work_path]
+        if parent_path:
+            args += ["--parent-path", parent_path]
+        args += ["--detach", "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        if no_pivot:
+            args.append("--no-pivot")
+        args += ["-no-subreaper", "--bundle", bundle]
+        await self._run([*args, id], stdio=stdio)

@@ -1,7 +1,8 @@
 """A worker: a short-lived child of the keeper that serves one heavy Task call and exits.
 
-The heavy calls: Create, Exec, an exec's Start, Update, Pids, Stats and Checkpoint (the rest are the
-keeper's own, see keeper.py and direct.py).
+The heavy calls: Create, Exec, an exec's Start (and an init's created from a checkpoint: runc
+restore), Update, Pids, Stats and Checkpoint (the rest are the keeper's own, see keeper.py and
+direct.py).
 
 It is forked from the keeper, so it starts with the keeper's process table (read-only here: changes
 go back as ``updates``) and may use everything the shim has (asyncio, betterproto, the runc driver,
@@ -14,7 +15,8 @@ Updates (applied by the keeper, in order; direct.py reports its changes the same
 
     ("container", {id, bundle, stdin, stdout, stderr, terminal, pid, kill_all, config}, io | None)
     ("exec", container_id, {id, stdin, stdout, stderr, terminal, spec})
-    ("started", container_id, exec_id, pid, io | None)
+    ("started", container_id, exec_id, pid, io | None)   an exec, or an init restored from a checkpoint
+    ("config", container_id, {key: value})               merged into the container's config
     ("state", container_id, exec_id, before, after)     entered only if still in ``before``
     ("failed", container_id, exec_id, status, time)     an exec that never ran
     ("oom", container_id, {v2, path, last}, [fd indexes])
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import betterproto2
 
-from pyctr.api import mount
+from pyctr.api import binaries, mount
 from pyctr.api._pb.containerd import events as ev
 from pyctr.api._pb.containerd.runc.v1 import CheckpointOptions, ProcessDetails
 from pyctr.api._pb.containerd.task import v2 as task
@@ -128,6 +130,13 @@ def run(keeper: Keeper, job: Job | None, sock: socket.socket) -> NoReturn:
     except Exception:
         code = 1
     os._exit(code)
+
+
+def require_criu(config: dict[str, Any]) -> None:
+    """runc checkpoints and restores with criu: the runtime options' ``criu_path``, else criu on PATH
+    or in the sbin directories."""
+    if binaries.criu(config.get("criu") or "") is None:
+        raise NotImplementedErr("checkpoint needs criu, which is not installed")
 
 
 class Worker:
@@ -221,11 +230,13 @@ class Worker:
 
     async def create(self, payload: bytes) -> bytes:
         req = task.CreateTaskRequest.parse(payload)
-        if req.checkpoint:
-            raise NotImplementedErr("restoring a task from a checkpoint is not supported")
         if req.id in self.containers:
             raise AlreadyExists(f"container {req.id}")
+        if req.checkpoint and not os.path.isdir(req.checkpoint):
+            raise InvalidArgument(f"checkpoint {req.checkpoint} is not a directory")
         options = parse_runc_options(req.options)
+        if req.checkpoint:
+            require_criu({"criu": options.criu_path})
         write_bundle_files(req.bundle, options)
         mounts = [mount.Mount(m.type, m.source, options=tuple(m.options)) for m in req.rootfs]
         rootfs = await mount_rootfs(req.bundle, mounts)
@@ -240,6 +251,17 @@ class Worker:
             "rootfs": rootfs,
             "cgroup": None,
         }
+        if req.checkpoint:
+            # As the Go shim: nothing runs until Start, which is `runc restore` (see restore()).
+            config["command"] = binaries.find_binary(config["command"])
+            config["restore"] = {
+                "image": req.checkpoint,
+                "parent": req.parent_checkpoint,
+                "work": options.criu_work_path,
+                "no_pivot": options.no_pivot_root,
+            }
+            self.created(req, 0, config, None)
+            return bytes(task.CreateTaskResponse(pid=0))
         runc = Runc(
             self.reaper,
             command=config["command"],
@@ -282,8 +304,15 @@ class Worker:
             raise
         # The cgroup exists from runc create on: it is found, and its OOM fds opened, here rather
         # than at Start, so the keeper's Start (direct.py) runs nothing but runc.
-        config["cgroup"] = cgroup = cgroups.describe(pid)
+        config["cgroup"] = cgroups.describe(pid)
         config["command"] = runc.command  # resolved on PATH once, here
+        self.created(req, pid, config, desc)
+        return bytes(task.CreateTaskResponse(pid=pid))
+
+    def created(
+        self, req: task.CreateTaskRequest, pid: int, config: dict[str, Any], desc: dict[str, Any] | None
+    ) -> None:
+        """The new container for the keeper's table, its OOM watch, and /tasks/create."""
         record = {
             "id": req.id,
             "bundle": req.bundle,
@@ -296,11 +325,7 @@ class Worker:
             "config": config,
         }
         self.updates.append(("container", record, desc))
-        opened = cgroups.oom_watch(cgroup) if cgroup is not None else None
-        if opened is not None:
-            oom, fds = opened
-            base = self.add_fds(fds)
-            self.updates.append(("oom", req.id, oom, [base + i for i in range(len(fds))]))
+        self.watch_oom(req.id, config["cgroup"])
         io_event = ev.TaskIo(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr, terminal=req.terminal)
         self.publish(
             "/tasks/create",
@@ -313,14 +338,24 @@ class Worker:
                 pid=pid,
             ),
         )
-        return bytes(task.CreateTaskResponse(pid=pid))
+
+    def watch_oom(self, container_id: str, cgroup: dict[str, Any] | None) -> None:
+        opened = cgroups.oom_watch(cgroup) if cgroup is not None else None
+        if opened is not None:
+            oom, fds = opened
+            base = self.add_fds(fds)
+            self.updates.append(("oom", container_id, oom, [base + i for i in range(len(fds))]))
 
     async def start(self, payload: bytes) -> bytes:
-        """An exec's Start (an init's is direct.py's)."""
+        """An exec's Start, or an init's created from a checkpoint (other inits': direct.py)."""
         req = task.StartRequest.parse(payload)
         container = self.container(req.id)
         proc = self.process(container, req.exec_id)
         proc.check(Op.START)
+        if proc.init:
+            pid = await self.restore(container)
+            self.publish("/tasks/start", ev.TaskStart(container_id=container.id, pid=pid))
+            return bytes(task.StartResponse(pid=pid))
         pid = await self.start_exec(container, proc)
         self.publish(
             "/tasks/exec-started",
@@ -358,11 +393,62 @@ class Worker:
         self.updates.append(("started", container.id, proc.id, pid, desc))
         return pid
 
+    async def restore(self, container: Container) -> int:
+        """``runc restore`` of the init created from a checkpoint: its stdio and console are set up
+        here, as runc create's are at Create; the criu log is kept in the bundle if it fails."""
+        cfg = container.config
+        checkpoint = cfg["restore"]
+        init = container.init
+        io = ProcessIO(
+            Stdio(init.stdin, init.stdout, init.stderr, init.terminal), uid=cfg["io_uid"], gid=cfg["io_gid"]
+        )
+        if init.stdin_closed:
+            io.close_stdin()
+        console = ConsoleSocket() if init.terminal else None
+        pid_file = os.path.join(container.bundle, INIT_PID_FILE)
+        own_work = not checkpoint["work"]
+        work = checkpoint["work"] or os.path.join(container.bundle, "work", "criu-restore")
+        runc = self.runc(container)
+
+        async def run() -> None:
+            try:
+                await runc.restore(
+                    container.id,
+                    container.bundle,
+                    image_path=checkpoint["image"],
+                    work_path=work,
+                    parent_path=checkpoint["parent"],
+                    pid_file=pid_file,
+                    stdio=io.runc_stdio(),
+                    console_socket=console.path if console else "",
+                    no_pivot=checkpoint["no_pivot"],
+                )
+            except RuncError as err:
+                restore_log = os.path.join(container.bundle, "criu-restore.log")
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(os.path.join(work, "restore.log"), restore_log)
+                with contextlib.suppress(RuncError):
+                    await runc.delete(container.id, force=True)
+                raise Unknown(f"OCI runtime restore failed: {err.text} (criu log: {restore_log})") from None
+
+        try:
+            pid, desc = await self.launch(io, console, pid_file, run)
+        finally:
+            if own_work:
+                shutil.rmtree(work, ignore_errors=True)
+        cgroup = cgroups.describe(pid)
+        self.updates.append(("started", container.id, "", pid, desc))
+        self.updates.append(("config", container.id, {"cgroup": cgroup, "restore": None}))
+        self.watch_oom(container.id, cgroup)
+        return pid
+
     async def exec(self, payload: bytes) -> bytes:
         req = task.ExecProcessRequest.parse(payload)
         container = self.container(req.id)
         if req.exec_id in container.execs:
             raise AlreadyExists(f"id {req.exec_id}")
+        if container.config.get("restore"):
+            raise Unknown("cannot exec in a created state")
         container.init.check(Op.EXEC)
         try:
             spec = json.loads(req.spec.value) if req.spec is not None else {}
@@ -416,8 +502,7 @@ class Worker:
     async def checkpoint(self, payload: bytes) -> bytes:
         req = task.CheckpointTaskRequest.parse(payload)
         container = self.container(req.id)
-        if shutil.which("criu", path=f"{os.environ.get('PATH', '')}:/usr/local/sbin:/usr/sbin:/sbin") is None:
-            raise NotImplementedErr("checkpoint needs criu, which is not installed")
+        require_criu(container.config)
         opts = CheckpointOptions()
         if req.options is not None and req.options.type_url:
             opts = CheckpointOptions.parse(req.options.value)
