@@ -54,7 +54,7 @@ BUILTINS: list[Registration] = [
         (METADATA, EVENT, GC),
         needs=(METADATA, EVENT),
     ),
-    _grpc("tasks", "containerd.services.tasks.v1.Tasks", "tasks", (METADATA, RUNTIME)),
+    _grpc("tasks", "containerd.services.tasks.v1.Tasks", "tasks", (METADATA, RUNTIME, CONTENT)),
     _grpc("streaming", "containerd.services.streaming.v1.Streaming", "streaming", (INTERNAL,)),
     _grpc(
         "transfer",

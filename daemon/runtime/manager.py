@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from pyctr.api import errdefs, pbutil
@@ -122,7 +122,11 @@ class TaskManager:
         runtime: str,
         request: task.CreateTaskRequest,
         runtime_options: PbAny | None,
+        prepare: Callable[[Bundle], Awaitable[None]] | None = None,
     ) -> Task:
+        """Starts the task's shim on a new bundle and creates the task in it. ``prepare`` runs on
+        the bundle before the shim starts (a restore unpacks its checkpoint there); what it raises
+        undoes the task as a failed create does."""
         from pyctr.api._pb.containerd.task import v2 as task
         from pyctr.daemon.runtime.shim import ShimBinary, ShimConnection
 
@@ -133,6 +137,8 @@ class TaskManager:
         t = Task(ns, task_id, b, binary)
         self.tasks[(ns, task_id)] = t
         try:
+            if prepare is not None:
+                await prepare(b)
             self._open_log(t)
             options = request.options if request.options is not None else runtime_options
             address = await binary.start(b, options)

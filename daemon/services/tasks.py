@@ -8,20 +8,26 @@ from the shims themselves, over the ttrpc Events.Forward endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import shutil
+import tempfile
 import time
 
-from pyctr.api import filters, namespaces, pbutil
+from pyctr.api import binaries, filters, namespaces, pbutil
 from pyctr.api._pb.containerd.services.tasks import v1 as pb
 from pyctr.api._pb.containerd.task import v2 as task
 from pyctr.api._pb.containerd.types import Metric
 from pyctr.api._pb.containerd.v1.types import Process, ProcessInfo, Status
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api._pb.google.protobuf import Empty
-from pyctr.api.errdefs import AlreadyExists, ContainerdError, FailedPrecondition, NotFound, NotImplementedErr
+from pyctr.api.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, NotImplementedErr
 from pyctr.daemon import plugin
+from pyctr.daemon.content.store import ContentStore
 from pyctr.daemon.metadata import containers as cstore
 from pyctr.daemon.metadata.db import DB
+from pyctr.daemon.runtime import checkpoint
+from pyctr.daemon.runtime.bundle import Bundle
 from pyctr.daemon.runtime.manager import Task, TaskManager
 from pyctr.daemon.runtime.shim import ShimConnection
 
@@ -42,9 +48,10 @@ def _process(cid: str, exec_id: str, st: task.StateResponse) -> Process:
 
 
 class TasksService(pb.TasksBase):
-    def __init__(self, db: DB, runtime: TaskManager) -> None:
+    def __init__(self, db: DB, runtime: TaskManager, content: ContentStore) -> None:
         self.db = db
         self.runtime = runtime
+        self.content = content
 
     async def _container(self, ns: str, cid: str) -> cstore.Container:
         return await self.db.view(lambda c: cstore.get(c, ns, cid))
@@ -62,8 +69,6 @@ class TasksService(pb.TasksBase):
     async def create(self, message: pb.CreateTaskRequest) -> pb.CreateTaskResponse:
         ns = namespaces.required()
         container = await self._container(ns, message.container_id)
-        if message.checkpoint is not None and message.checkpoint.digest:
-            raise NotImplementedErr("restoring from a checkpoint is not supported")
         if (ns, message.container_id) in self.runtime.tasks:
             raise AlreadyExists(f"task {message.container_id}")
         spec = container.spec[1] if container.spec else b"{}"
@@ -75,11 +80,26 @@ class TasksService(pb.TasksBase):
             stderr=message.stderr,
             options=message.options,
         )
+        prepare = None
+        restore = checkpoint.restore_path(container.runtime_name, message.options)
+        if restore:
+            request.checkpoint = restore
+        elif message.checkpoint is not None and (message.checkpoint.digest or message.checkpoint.media_type):
+            wanted = message.checkpoint
+            if wanted.media_type != checkpoint.MEDIA_TYPE_CHECKPOINT:
+                raise InvalidArgument(f"unsupported checkpoint type {wanted.media_type!r}")
+            await self.content.info(ns, wanted.digest)  # NotFound before a shim starts
+
+            async def prepare(bundle: Bundle) -> None:
+                # criu's images live in the task's work directory, and go with its bundle.
+                request.checkpoint = os.path.join(bundle.work, "checkpoint")
+                await checkpoint.unpack(self.content, ns, wanted, request.checkpoint)
+
         runtime_options = None
         if container.runtime_options is not None:
             runtime_options = PbAny(type_url=container.runtime_options[0], value=container.runtime_options[1])
         t = await self.runtime.create(
-            ns, message.container_id, spec, container.runtime_name, request, runtime_options
+            ns, message.container_id, spec, container.runtime_name, request, runtime_options, prepare
         )
         return pb.CreateTaskResponse(container_id=message.container_id, pid=t.pid)
 
@@ -237,41 +257,68 @@ class TasksService(pb.TasksBase):
         return pb.WaitResponse(exit_status=resp.exit_status, exited_at=resp.exited_at)
 
     async def checkpoint(self, message: pb.CheckpointTaskRequest) -> pb.CheckpointTaskResponse:
-        await self._task(message.container_id)
-        raise await checkpoint_unavailable()
+        """``runc checkpoint`` through the shim. By default criu's images become two blobs in the
+        content store under the caller's lease (see checkpoint.py), which the client wraps in an
+        image; with the runc options' ``image_path`` they stay in that directory and nothing is
+        returned, as with containerd."""
+        ns = namespaces.required()
+        container = await self._container(ns, message.container_id)
+        t, shim = await self._task(message.container_id)
+        target = checkpoint.image_path(container.runtime_name, message.options)
+        await require_criu(container)
+        request = task.CheckpointTaskRequest(id=message.container_id, options=message.options)
+        if target:
+            request.path = target
+            await shim.empty("Checkpoint", request)
+            return pb.CheckpointTaskResponse()
+        lease = namespaces.lease.get()
+        images = await asyncio.to_thread(tempfile.mkdtemp, prefix="checkpoint-", dir=t.bundle.work)
+        try:
+            request.path = images
+            await shim.empty("Checkpoint", request)
+            spec = PbAny(type_url=container.spec[0], value=container.spec[1]) if container.spec else PbAny()
+            return pb.CheckpointTaskResponse(
+                descriptors=[
+                    await checkpoint.store_image(self.content, ns, lease, images),
+                    await checkpoint.store_spec(self.content, ns, lease, spec),
+                ]
+            )
+        finally:
+            await asyncio.to_thread(shutil.rmtree, images, True)
 
 
-# What `criu check` said, once per daemon: the host's kernel and criu do not change under it.
-_criu_check: str | None = None
+# What `criu check` said, per criu binary: the host's kernel and criu do not change under a daemon.
+_criu_checks: dict[str, str] = {}
 
 
-async def checkpoint_unavailable() -> ContainerdError:
-    """Why Checkpoint cannot be served here, in the words of the tool that decides it.
+async def require_criu(container: cstore.Container) -> None:
+    """Refuses a checkpoint this host cannot take, in the words of the tool that decides it: no
+    criu (Unimplemented), or a criu that cannot run on this kernel (``criu check`` fails: criu 3.17
+    on a 6.x kernel stops at the vDSO, for one; FailedPrecondition). Checked before the shim pauses
+    anything, once per criu binary."""
+    configured = ""
+    if container.runtime_options is not None and checkpoint.is_runc(container.runtime_name):
+        from pyctr.api._pb.containerd.runc.v1 import Options
 
-    Checkpoint and restore (``runc checkpoint`` / ``runc restore`` through the shim, the image in
-    the content store) are not implemented. A client learns first what its host lacks: criu
-    itself, or a criu that cannot run on this kernel (``criu check`` fails; criu 3.17 on a 6.x
-    kernel stops at the vDSO, for one).
-    """
-    global _criu_check
-    criu = shutil.which("criu")
+        with contextlib.suppress(Exception):
+            configured = Options.parse(container.runtime_options[1]).criu_path
+    criu = binaries.criu(configured)
     if criu is None:
-        return NotImplementedErr("checkpoint needs criu, which is not installed")
-    if _criu_check is None:
+        raise NotImplementedErr("checkpoint needs criu, which is not installed")
+    if criu not in _criu_checks:
         proc = await asyncio.create_subprocess_exec(
             criu, "check", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
         )
         _, err = await proc.communicate()
         lines = [line.strip() for line in err.decode(errors="replace").splitlines() if line.strip()]
-        _criu_check = (
+        _criu_checks[criu] = (
             "" if proc.returncode == 0 else (lines[0] if lines else f"exit status {proc.returncode}")
         )
-    if _criu_check:
-        return FailedPrecondition(
-            f"checkpoint needs criu, and `criu check` fails on this host: {_criu_check}"
+    if _criu_checks[criu]:
+        raise FailedPrecondition(
+            f"checkpoint needs criu, and `criu check` fails on this host: {_criu_checks[criu]}"
         )
-    return NotImplementedErr("checkpoint and restore are not implemented (criu is installed and works)")
 
 
 def service(ic: plugin.InitContext) -> TasksService:
-    return TasksService(ic.get(plugin.METADATA), ic.get(plugin.RUNTIME))
+    return TasksService(ic.get(plugin.METADATA), ic.get(plugin.RUNTIME), ic.get(plugin.CONTENT))
