@@ -13,6 +13,7 @@ from pyctr.api import errdefs, namespaces
 if TYPE_CHECKING:  # the stubs are imported by the property that returns one
     from pyctr.api._pb.containerd.services.containers.v1 import ContainersStub
     from pyctr.api._pb.containerd.services.content.v1 import ContentStub
+    from pyctr.api._pb.containerd.services.diff.v1 import DiffStub
     from pyctr.api._pb.containerd.services.events.v1 import EventsStub
     from pyctr.api._pb.containerd.services.images.v1 import ImagesStub
     from pyctr.api._pb.containerd.services.introspection.v1 import IntrospectionStub
@@ -34,12 +35,15 @@ class Client:
         self.address = address.removeprefix("unix://")
         self.namespace = namespace
         self.timeout = timeout
+        self.lease = ""  # sent with every call when set (containerd's WithLease)
         from grpclib.client import Channel  # here: translate() needs none of it
 
         self.channel = Channel(path=self.address)
 
     def stub(self, cls: type[S], namespace: str | None = None) -> S:
         md = {namespaces.GRPC_HEADER: self.namespace if namespace is None else namespace}
+        if self.lease:
+            md[namespaces.LEASE_HEADER] = self.lease
         return cls(self.channel, timeout=self.timeout, metadata=md)  # type: ignore[call-arg]
 
     @property
@@ -89,6 +93,12 @@ class Client:
         from pyctr.api._pb.containerd.services.tasks.v1 import TasksStub
 
         return self.stub(TasksStub)
+
+    @property
+    def diff(self) -> DiffStub:
+        from pyctr.api._pb.containerd.services.diff.v1 import DiffStub
+
+        return self.stub(DiffStub)
 
     @property
     def images(self) -> ImagesStub:

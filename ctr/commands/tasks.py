@@ -31,7 +31,7 @@ from pyctr.api._pb.containerd.services.tasks import v1 as tpb
 from pyctr.api._pb.containerd.v1.types import Process, Status
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.errdefs import FailedPrecondition, InvalidArgument, NotFound
-from pyctr.ctr import attach, oci, output, rootfs, stdio, users
+from pyctr.ctr import attach, checkpoint, oci, output, rootfs, stdio, users
 from pyctr.ctr.client import Client
 from pyctr.ctr.commands import containers
 from pyctr.ctr.commands.containers import rpc
@@ -101,7 +101,23 @@ def register(sub: Any) -> None:
     start = verbs.add_parser("start", help="start a container's task (created if it has none)")
     start.add_argument("id")
     start.add_argument("-d", "--detach", action="store_true", help="start and return")
+    start.add_argument(
+        "--checkpoint",
+        default="",
+        metavar="IMAGE",
+        help="create the task from this checkpoint image (criu restore)",
+    )
     start.set_defaults(func=start_)
+
+    ckpt = verbs.add_parser("checkpoint", help="checkpoint a task into an image (criu, through runc)")
+    ckpt.add_argument("id")
+    ckpt.add_argument("--exit", action="store_true", help="stop the task after the checkpoint")
+    ckpt.add_argument("--image-path", default="", help="leave criu's images in this directory (no image)")
+    ckpt.add_argument("--work-path", default="", help="criu's work directory (logs)")
+    ckpt.add_argument(
+        "--name", default="", help="the image name (default containerd.io/checkpoint/<id>:<date>)"
+    )
+    ckpt.set_defaults(func=checkpoint_)
 
 
 def status_name(status: Status) -> str:
@@ -541,6 +557,8 @@ async def start_(args: argparse.Namespace, client: Client) -> int:
         proc = None
     if proc is not None and proc.status != Status.CREATED:
         raise FailedPrecondition(f"task {args.id} is {status_name(proc.status).lower()}, not created")
+    if proc is not None and args.checkpoint:
+        raise FailedPrecondition(f"task {args.id} exists: delete it to restore from a checkpoint")
     if proc is not None:
         # A created task keeps the stdio it was created with: follow it if its FIFOs are there.
         if args.detach or not proc.stdout or not os.path.exists(proc.stdout):
@@ -564,6 +582,8 @@ async def start_(args: argparse.Namespace, client: Client) -> int:
     ).mounts
     fifos = None if args.detach else stdio.create(args.id, terminal and sys.stdin.isatty(), terminal)
     request = tpb.CreateTaskRequest(container_id=args.id, rootfs=list(mounts), terminal=terminal)
+    if args.checkpoint:
+        request.checkpoint = await checkpoint.find_checkpoint(client, args.checkpoint)
     if fifos is not None:
         request.stdin, request.stdout, request.stderr = fifos.stdin, fifos.stdout, fifos.stderr
         stdio.start_output(fifos)
@@ -581,6 +601,15 @@ async def start_(args: argparse.Namespace, client: Client) -> int:
             stdio.close(fifos)
             with contextlib.suppress(Exception):
                 await client.tasks.delete(tpb.DeleteTaskRequest(container_id=args.id))
+
+
+async def checkpoint_(args: argparse.Namespace, client: Client) -> int:
+    name = await checkpoint.checkpoint_task(
+        client, args.id, exit=args.exit, image_path=args.image_path, work_path=args.work_path, name=args.name
+    )
+    if name:
+        print(name)
+    return 0
 
 
 async def container_user(client: Client, c: cpb.Container, spec: dict[str, Any], user: str) -> users.User:

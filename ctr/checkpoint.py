@@ -1,0 +1,244 @@
+"""Checkpoint images, as containerd's Go client makes and reads them.
+
+``pyctr tasks checkpoint`` is ``ctr tasks checkpoint``: under a lease, the task is paused, the
+daemon checkpoints it into two blobs (criu's images as a tar, the container's spec), and an OCI
+index ties them to the container's image and a diff of its read-write layer; the index becomes an
+image named ``containerd.io/checkpoint/<id>:<date>`` labelled ``containerd.io/checkpoint=true``.
+The task is resumed at the end (unless it was asked to exit). ``pyctr tasks start --checkpoint``
+finds the criu tar in such an image and creates the task from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from pyctr.api import platforms
+from pyctr.api._pb.containerd.services.tasks import v1 as tpb
+from pyctr.api._pb.containerd.types import Descriptor
+from pyctr.api._pb.google.protobuf import Any as PbAny
+from pyctr.api.errdefs import AlreadyExists, ContainerdError, InvalidArgument, NotFound
+from pyctr.ctr.client import Client, translate
+
+T = TypeVar("T")
+
+MEDIA_TYPE_CHECKPOINT = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
+MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
+MEDIA_TYPE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+CHECKPOINT_LABEL = "containerd.io/checkpoint"
+
+
+async def _call(client: Client, call: Awaitable[T]) -> T:
+    """Awaits a call, its status turned into our categorised errors."""
+    try:
+        return await call
+    except Exception as exc:
+        translated = translate(exc, client.address)
+        if translated is exc:
+            raise
+        raise translated from None
+
+
+def default_name(container_id: str, now: float | None = None) -> str:
+    """containerd's default checkpoint image name (local time, month first)."""
+    stamp = time.strftime("%m-%d-%Y-%H:%M:%S", time.localtime(now))
+    return f"containerd.io/checkpoint/{container_id}:{stamp}"
+
+
+def checkpoint_options(exit: bool, image_path: str, work_path: str) -> PbAny:
+    from pyctr.api._pb.containerd.runc.v1 import CheckpointOptions
+
+    opts = CheckpointOptions(exit=exit, image_path=image_path, work_path=work_path)
+    return PbAny(type_url="containerd.runc.v1.CheckpointOptions", value=bytes(opts))
+
+
+def _descriptor_json(d: Descriptor, platform: dict[str, str] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"mediaType": d.media_type, "digest": d.digest, "size": d.size}
+    if d.annotations:
+        out["annotations"] = dict(d.annotations)
+    if platform:
+        out["platform"] = platform
+    return out
+
+
+def _platform() -> dict[str, str]:
+    p = platforms.default()
+    out = {"architecture": p.architecture, "os": p.os}
+    if p.variant:
+        out["variant"] = p.variant
+    return out
+
+
+async def _write_blob(client: Client, ref: str, data: bytes, labels: dict[str, str]) -> str:
+    import hashlib
+
+    from pyctr.api._pb.containerd.services.content.v1 import WriteAction, WriteContentRequest
+
+    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
+
+    async def requests() -> Any:
+        yield WriteContentRequest(action=WriteAction.STAT, ref=ref, total=len(data), expected=digest)
+        yield WriteContentRequest(action=WriteAction.WRITE, ref=ref, offset=0, data=data)
+        yield WriteContentRequest(
+            action=WriteAction.COMMIT,
+            ref=ref,
+            offset=len(data),
+            total=len(data),
+            expected=digest,
+            labels=labels,
+        )
+
+    async def write() -> None:
+        async for _ in client.content.write(requests()):
+            pass
+
+    with contextlib.suppress(AlreadyExists):
+        await _call(client, write())
+    return digest
+
+
+async def _rw_diff(client: Client, snapshotter: str, key: str) -> Descriptor:
+    """The container's read-write layer as a gzip layer blob (containerd's ``rootfs.CreateDiff``)."""
+    from pyctr.api._pb.containerd.services.diff.v1 import DiffRequest
+    from pyctr.api._pb.containerd.services.snapshots import v1 as spb
+
+    info = (
+        await _call(client, client.snapshots.stat(spb.StatSnapshotRequest(snapshotter=snapshotter, key=key)))
+    ).info
+    assert info is not None
+    view = f"{info.parent}-parent-view-{uuid.uuid4().hex[:8]}"
+    lower = (
+        await _call(
+            client,
+            client.snapshots.view(
+                spb.ViewSnapshotRequest(snapshotter=snapshotter, key=view, parent=info.parent)
+            ),
+        )
+    ).mounts
+    try:
+        upper = (
+            await _call(client, client.snapshots.mounts(spb.MountsRequest(snapshotter=snapshotter, key=key)))
+        ).mounts
+        diff = (
+            await _call(
+                client,
+                client.diff.diff(
+                    DiffRequest(
+                        left=lower, right=upper, media_type=MEDIA_TYPE_LAYER_GZIP, ref=f"checkpoint-rw-{key}"
+                    )
+                ),
+            )
+        ).diff
+        assert diff is not None
+        return diff
+    finally:
+        with contextlib.suppress(ContainerdError):
+            await _call(
+                client, client.snapshots.remove(spb.RemoveSnapshotRequest(snapshotter=snapshotter, key=view))
+            )
+
+
+async def checkpoint_task(
+    client: Client,
+    container_id: str,
+    *,
+    exit: bool = False,
+    image_path: str = "",
+    work_path: str = "",
+    name: str = "",
+) -> str:
+    """Checkpoints the task; returns the checkpoint image's name ("" with ``image_path``: criu's
+    images are then left in that directory, and no image is made)."""
+    from pyctr.api._pb.containerd.services.containers.v1 import GetContainerRequest
+    from pyctr.api._pb.containerd.services.images.v1 import CreateImageRequest, GetImageRequest, Image
+    from pyctr.api._pb.containerd.services.leases.v1 import CreateRequest, DeleteRequest
+
+    container = (await _call(client, client.containers.get(GetContainerRequest(id=container_id)))).container
+    assert container is not None
+    runtime = container.runtime.name if container.runtime else ""
+    options = None
+    if runtime.startswith("io.containerd.runc."):
+        options = checkpoint_options(exit, os.path.abspath(image_path) if image_path else "", work_path)
+    expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 24 * 3600))
+    lease = f"pyctr-checkpoint-{uuid.uuid4().hex}"
+    await _call(
+        client, client.leases.create(CreateRequest(id=lease, labels={"containerd.io/gc.expire": expiry}))
+    )
+    client.lease = lease
+    try:
+        # Paused first, so criu and the rw diff see one moment of the container.
+        await _call(client, client.tasks.pause(tpb.PauseTaskRequest(container_id=container_id)))
+        try:
+            resp = await _call(
+                client,
+                client.tasks.checkpoint(
+                    tpb.CheckpointTaskRequest(container_id=container_id, options=options)
+                ),
+            )
+            if image_path:
+                return ""
+            platform = _platform()
+            manifests = [_descriptor_json(d, platform) for d in resp.descriptors]
+            annotations: dict[str, str] = {}
+            if container.image:
+                image = (await _call(client, client.images.get(GetImageRequest(name=container.image)))).image
+                assert image is not None and image.target is not None
+                manifests.append(_descriptor_json(image.target))
+                annotations["image.name"] = container.image
+            if container.snapshot_key:
+                manifests.append(
+                    _descriptor_json(
+                        await _rw_diff(client, container.snapshotter, container.snapshot_key), platform
+                    )
+                )
+            index = {"schemaVersion": 2, "manifests": manifests, "annotations": annotations}
+            data = (json.dumps(index, separators=(",", ":")) + "\n").encode()
+            labels = {f"containerd.io/gc.ref.content.{i}": m["digest"] for i, m in enumerate(manifests)}
+            digest = await _write_blob(client, f"checkpoint-index-{container_id}", data, labels)
+            name = name or default_name(container_id)
+            await _call(
+                client,
+                client.images.create(
+                    CreateImageRequest(
+                        image=Image(
+                            name=name,
+                            labels={CHECKPOINT_LABEL: "true"},
+                            target=Descriptor(media_type=MEDIA_TYPE_INDEX, digest=digest, size=len(data)),
+                        )
+                    ),
+                ),
+            )
+            return name
+        finally:
+            with contextlib.suppress(ContainerdError):  # gone with --exit, as with ctr
+                await _call(client, client.tasks.resume(tpb.ResumeTaskRequest(container_id=container_id)))
+    finally:
+        client.lease = ""
+        with contextlib.suppress(ContainerdError):
+            await _call(client, client.leases.delete(DeleteRequest(id=lease)))
+
+
+async def find_checkpoint(client: Client, ref: str) -> Descriptor:
+    """The criu tar of checkpoint image ``ref`` (containerd's ``WithTaskCheckpoint``)."""
+    from pyctr.api._pb.containerd.services.images.v1 import GetImageRequest
+    from pyctr.ctr.imageops import read_json
+
+    image = (await _call(client, client.images.get(GetImageRequest(name=ref)))).image
+    assert image is not None and image.target is not None
+    if image.target.media_type != MEDIA_TYPE_INDEX:
+        raise InvalidArgument(f"image {ref} is not a checkpoint: its target is {image.target.media_type}")
+    index = await read_json(client, image.target.digest)
+    for m in index.get("manifests") or []:
+        if m.get("mediaType") == MEDIA_TYPE_CHECKPOINT:
+            return Descriptor(
+                media_type=m["mediaType"],
+                digest=m["digest"],
+                size=int(m.get("size", 0)),
+                annotations=dict(m.get("annotations") or {}),
+            )
+    raise NotFound(f"checkpoint not found in index {image.target.digest}")
