@@ -12,7 +12,6 @@ import contextlib
 import glob
 import os
 import re
-import shutil
 import signal
 import subprocess
 import time
@@ -331,27 +330,3 @@ def test_wait_reports_signal_exit(both: tuple[Ctr, Ctr]) -> None:
                 proc.wait(5)
             proc.communicate()
         assert cid not in ctr.ok("containers", "ls", "-q").split()
-
-
-def test_checkpoint_fails_clearly_and_leaves_the_task_running(both: tuple[Ctr, Ctr]) -> None:
-    """pyctrd does not checkpoint (see TasksService.checkpoint). `ctr tasks checkpoint` pauses the
-    task, asks, and resumes it: the refusal must name criu and leave the task as it was, which is
-    what containerd does when its shim's criu fails too."""
-    criu = shutil.which("criu")
-    check = subprocess.run([criu, "check"], capture_output=True, text=True) if criu else None
-    results = []
-    for ctr in both:
-        cid = unique("ckpt")
-        ctr.ok("run", "-d", ctr.image, cid, "sleep", "1000")
-        pid = ctr.tasks()[cid][0]
-        r = ctr("tasks", "checkpoint", cid)
-        results.append(r)
-        assert ctr.tasks()[cid] == [pid, "RUNNING"], r.stderr
-        assert r.returncode != 0
-    py = results[0].stderr
-    if check is None:
-        assert "checkpoint needs criu, which is not installed" in py
-    elif check.returncode != 0:
-        assert "`criu check` fails on this host" in py and "failed precondition" in py, py
-    else:
-        assert "not implemented" in py, py

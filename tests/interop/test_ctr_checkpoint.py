@@ -1,0 +1,277 @@
+"""Checkpoint and restore (criu, through runc), on pyctrd and containerd side by side.
+
+The real ``ctr tasks checkpoint`` makes the checkpoint image on both daemons; ``pyctr tasks start
+--checkpoint`` restores from it (ctr 1.6 has no working restore: ``ctr containers checkpoint
+--task`` drops the task's descriptors, so ``ctr containers restore`` finds no spec), also against
+containerd, so both daemons' Create-from-checkpoint are compared through one client. pyctrd runs
+each shim of ``SHIMS`` (the Go shim checks the daemon alone).
+
+These tests need a criu that works on this kernel (``criu check``): criu 3.17, Debian 12's, stops at
+the vDSO of 6.x kernels. Without one they are skipped, and the refusal is tested instead
+(test_ctr_run.py). The restore paths that fail before criu runs are tested either way.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import subprocess
+import tarfile
+import time
+
+import pytest
+
+from pyctr.api import binaries
+from pyctr.api._pb.google.protobuf import Any as PbAny
+from tests.helpers import daemons
+from tests.helpers.streams import LineReader, stop_process
+from tests.interop import test_ctr_run
+from tests.interop.test_ctr_run import Ctr, unique
+
+# test_ctr_run's side-by-side fixtures: pyctrd on each shim and containerd, busybox pulled on both.
+pyd = test_ctr_run.pyd
+pulled = test_ctr_run.pulled
+both = test_ctr_run.both
+
+pytestmark = pytest.mark.interop
+
+
+def criu_check() -> str | None:
+    """None when criu is installed and ``criu check`` passes, else why not."""
+    criu = binaries.criu()
+    if criu is None:
+        return "criu is not installed"
+    r = subprocess.run([criu, "check"], capture_output=True, text=True)
+    if r.returncode != 0:
+        return f"`criu check` fails: {(r.stderr.strip().splitlines() or ['?'])[0]}"
+    return None
+
+
+CRIU_MISSING = criu_check()
+needs_criu = pytest.mark.skipif(CRIU_MISSING is not None, reason=f"no working criu: {CRIU_MISSING}")
+
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"
+INDEX = "application/vnd.oci.image.index.v1+json"
+CRIU_TAR = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
+CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def pyctr(ctr: Ctr, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return daemons.run([daemons.PYCTR, "-a", ctr.d.address, "-n", ctr.ns, *args], timeout=timeout)
+
+
+def counter(ctr: Ctr, cid: str) -> int:
+    """The counter's value inside the container (it counts every 50 ms from its start)."""
+    deadline = time.monotonic() + 10
+    while True:
+        r = ctr("tasks", "exec", "--exec-id", unique("cat"), cid, "cat", "/tmp/n")
+        if r.returncode == 0 and r.stdout.strip():
+            return int(r.stdout)
+        assert time.monotonic() < deadline, r.stderr
+        time.sleep(0.1)
+
+
+def run_counter(ctr: Ctr, cid: str) -> str:
+    ctr.ok("run", "-d", ctr.image, cid, "sh", "-c", COUNTER)
+    counter(ctr, cid)
+    return ctr.tasks()[cid][0]
+
+
+def blob(ctr: Ctr, digest: str) -> bytes:
+    r = subprocess.run(ctr.argv("content", "get", digest), capture_output=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def image_row(ctr: Ctr, name: str) -> list[str]:
+    for line in ctr.ok("images", "ls").splitlines()[1:]:
+        cols = line.split()
+        if cols and cols[0] == name:
+            return cols
+    raise AssertionError(f"no image {name}")
+
+
+@pytest.mark.skipif(CRIU_MISSING is None, reason="criu works here: the checkpoint tests run instead")
+def test_checkpoint_without_a_working_criu_fails_clearly(both: tuple[Ctr, Ctr]) -> None:
+    """`ctr tasks checkpoint` pauses the task, asks, and resumes it: pyctrd's refusal names what
+    this host lacks, before anything is dumped, and leaves the task as it was, as containerd's
+    failure (its shim's criu fails) does."""
+    results = []
+    for ctr in both:
+        cid = unique("ckpt")
+        ctr.ok("run", "-d", ctr.image, cid, "sleep", "1000")
+        pid = ctr.tasks()[cid][0]
+        r = ctr("tasks", "checkpoint", cid)
+        results.append(r)
+        assert ctr.tasks()[cid] == [pid, "RUNNING"], r.stderr
+        assert r.returncode != 0
+    py = results[0].stderr
+    if binaries.criu() is None:
+        assert "checkpoint needs criu, which is not installed" in py, py
+    else:
+        assert "`criu check` fails on this host" in py and "failed precondition" in py, py
+
+
+@needs_criu
+def test_checkpoint_image_is_containerds(both: tuple[Ctr, Ctr]) -> None:
+    """``ctr tasks checkpoint``: the task keeps running, and the image has containerd's layout."""
+    seen = []
+    for ctr in both:
+        cid = unique("ckpt")
+        pid = run_counter(ctr, cid)
+        r = ctr("tasks", "checkpoint", cid)
+        assert r.returncode == 0, (r.stderr, ctr.d.log()[-3000:])
+        name = r.stdout.strip()
+        assert re.fullmatch(rf"containerd\.io/checkpoint/{cid}:\d\d-\d\d-\d{{4}}-\d\d:\d\d:\d\d", name), name
+        assert ctr.tasks()[cid] == [pid, "RUNNING"]
+        before = counter(ctr, cid)
+        time.sleep(0.3)
+        assert counter(ctr, cid) > before  # resumed after the pause around the checkpoint
+
+        row = image_row(ctr, name)
+        assert row[1] == INDEX and row[-1] == "containerd.io/checkpoint=true", row
+        index = json.loads(blob(ctr, row[2]))
+        manifests = index["manifests"]
+        by_type = {m["mediaType"]: m for m in manifests}
+        files = sorted(
+            os.path.basename(m.name)
+            for m in tarfile.open(fileobj=io.BytesIO(blob(ctr, by_type[CRIU_TAR]["digest"])))
+        )
+        spec = PbAny.parse(blob(ctr, by_type[CONFIG]["digest"]))
+        info = json.loads(ctr.ok("containers", "info", cid))
+        seen.append(
+            {
+                "media types": [m["mediaType"] for m in manifests],
+                "platforms": [m.get("platform") for m in manifests],
+                "annotations": index["annotations"],
+                "image manifest annotations": sorted(by_type[MANIFEST].get("annotations", {})),
+                "criu files": {"inventory.img", "descriptors.json", "pstree.img"} <= set(files),
+                "spec type": spec.type_url,
+                "spec": json.loads(spec.value) == info["Spec"],
+            }
+        )
+        assert seen[-1]["annotations"] == {"image.name": ctr.image}
+        # The content is the image's: gc references hold every blob the index names.
+        labels = ctr.ok("content", "ls").splitlines()
+        index_row = next(line for line in labels if line.startswith(row[2]))
+        for i, m in enumerate(manifests):
+            assert f"containerd.io/gc.ref.content.{i}={m['digest']}" in index_row
+    assert seen[0] == seen[1], seen
+    assert seen[0]["media types"] == [CRIU_TAR, CONFIG, MANIFEST, LAYER_GZIP]
+    assert seen[0]["criu files"] and seen[0]["spec"]
+
+
+@needs_criu
+def test_checkpoint_exit_and_image_path(both: tuple[Ctr, Ctr], tmp_path: str) -> None:
+    """``--exit`` stops the task after the checkpoint; ``--image-path`` leaves criu's files in a
+    directory and makes no image."""
+    seen = []
+    for n, ctr in enumerate(both):
+        cid = unique("ckexit")
+        run_counter(ctr, cid)
+        images_before = ctr.ok("images", "ls", "-q")
+        target = os.path.join(str(tmp_path), f"images-{n}")
+        r = ctr("tasks", "checkpoint", "--image-path", target, cid)
+        assert (r.returncode, r.stdout) == (0, ""), r.stderr
+        assert os.path.exists(os.path.join(target, "inventory.img"))
+        assert ctr.ok("images", "ls", "-q") == images_before
+        assert ctr.tasks()[cid][1] == "RUNNING"
+
+        r = ctr("tasks", "checkpoint", "--exit", cid)
+        assert r.returncode == 0, r.stderr
+        row = ctr.wait_status(cid, "STOPPED")
+        r = ctr("tasks", "rm", cid)
+        seen.append({"stopped": row[1], "rm": (r.returncode, r.stdout)})
+    assert seen[0] == seen[1], seen
+
+
+@needs_criu
+def test_restore_from_checkpoint_image(both: tuple[Ctr, Ctr]) -> None:
+    """Checkpoint with --exit, delete the task, create it again from the image: the counter goes
+    on from where it was, in a new process, which exec, kill and delete treat as any other."""
+    seen = []
+    for ctr in both:
+        cid = unique("restore")
+        run_counter(ctr, cid)
+        r = pyctr(ctr, "tasks", "checkpoint", "--exit", cid)
+        assert r.returncode == 0, (r.stderr, ctr.d.log()[-3000:])
+        name = r.stdout.strip()
+        ctr.wait_status(cid, "STOPPED")
+        at_checkpoint = counter_file(ctr, cid)
+        ctr.ok("tasks", "rm", cid)
+
+        r = pyctr(ctr, "tasks", "start", "-d", "--checkpoint", name, cid)
+        assert r.returncode == 0, (r.stderr, ctr.d.log()[-3000:])
+        pid, status = ctr.tasks()[cid]
+        value = counter(ctr, cid)
+        assert value >= at_checkpoint, (value, at_checkpoint)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[:2] == [b"sh", b"-c"]
+        time.sleep(0.3)
+        assert counter(ctr, cid) > value
+        ctr.ok("tasks", "kill", "-s", "SIGKILL", cid)
+        row = ctr.wait_status(cid, "STOPPED")
+        r = ctr("tasks", "rm", cid)
+        seen.append(
+            {"status": status, "stopped": row[1], "rm": r.returncode, "restored": value >= at_checkpoint}
+        )
+    assert seen[0] == seen[1], seen
+
+
+def counter_file(ctr: Ctr, cid: str) -> int:
+    """The counter as the container's rw layer has it (the task is stopped: read the snapshot)."""
+    info = json.loads(ctr.ok("containers", "info", cid))
+    r = ctr("snapshots", "--snapshotter", info["Snapshotter"], "mounts", "/tmp/unused", info["SnapshotKey"])
+    upper = re.search(r"upperdir=([^,\s]+)", r.stdout)
+    assert upper, r.stdout
+    with open(os.path.join(upper.group(1), "tmp", "n")) as f:
+        return int(f.read())
+
+
+@needs_criu
+def test_restore_in_the_foreground_streams_output(both: tuple[Ctr, Ctr]) -> None:
+    """The restored process writes to the stdio of the task created from the checkpoint (runc
+    hands criu the new pipes in place of the old ones), and its exit ends ``pyctr tasks start``."""
+    seen = []
+    for ctr in both:
+        cid = unique("rsout")
+        ctr.ok("run", "-d", ctr.image, cid, "sh", "-c", COUNTER.replace("echo $i >", "echo $i; echo $i >"))
+        counter(ctr, cid)
+        r = pyctr(ctr, "tasks", "checkpoint", "--exit", cid)
+        assert r.returncode == 0, r.stderr
+        ctr.wait_status(cid, "STOPPED")
+        at_checkpoint = counter_file(ctr, cid)
+        ctr.ok("tasks", "rm", cid)
+        proc = subprocess.Popen(
+            [
+                daemons.PYCTR,
+                "-a",
+                ctr.d.address,
+                "-n",
+                ctr.ns,
+                "tasks",
+                "start",
+                "--checkpoint",
+                r.stdout.strip(),
+                cid,
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            reader = LineReader(proc)
+            lines = [reader.readline(10) for _ in range(3)]
+            assert None not in lines, (lines, proc.poll(), ctr.d.log()[-3000:])
+            values = [int(line) for line in lines if line is not None]
+            ctr.ok("tasks", "kill", "-s", "SIGKILL", cid)
+            code = proc.wait(15)
+        finally:
+            stop_process(proc)
+        assert values == sorted(values) and values[0] >= at_checkpoint, (values, at_checkpoint)
+        seen.append({"exit code": code, "tasks": cid in ctr.tasks()})
+    assert seen[0] == seen[1] == {"exit code": 137, "tasks": False}, seen
