@@ -116,6 +116,10 @@ class Figure:
     needs_pyctr: ClassVar[tuple[str, ...]] = ()  # a pyctr subcommand the figure runs, e.g. "images pull"
     fixtures: ClassVar[tuple[str, ...]] = ()  # built on demand: "busybox", "big"
 
+    def host_unsupported(self) -> str:
+        """Why this host cannot run the figure on any daemon (a tool the kernel rejects), else ""."""
+        return ""
+
     def prepare(self, ctx: Context) -> None:
         """Once per run, before any daemon's ``setup``."""
 

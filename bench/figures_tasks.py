@@ -6,7 +6,7 @@ import time
 
 from bench import proc
 from bench.figures import RUN_RPCS, Context, Figure, Metric, register
-from bench.harness import Daemon, Side
+from bench.harness import NAMESPACE, Daemon, Side
 from bench.stats import median
 
 MiB = 1024 * 1024
@@ -138,5 +138,96 @@ class FiftyContainers(Figure):
 
     def teardown(self, ctx: Context, side: Side) -> None:
         # After a failed restart the containers are still there; only the daemon may remove them.
+        if side.daemon.revive():
+            side.daemon.remove_all_containers()
+
+
+def _criu_unusable() -> str:
+    """Why checkpoints cannot be taken on this host ("" when criu passes ``criu check``)."""
+    from pyctr.api import binaries
+
+    criu = binaries.criu()
+    if criu is None:
+        return "criu is not installed"
+    res = proc.run([criu, "check"], check=False, timeout=60)
+    if res.returncode != 0:
+        lines = (res.stderr or res.stdout).strip().splitlines()
+        return f"`criu check` fails on this host: {lines[0] if lines else res.returncode}"
+    return ""
+
+
+async def _restore(address: str, cid: str, image: str) -> None:
+    """Tasks.Create from the checkpoint image's criu tar, then Start (no stdio, as `ctr run -d --null-io`)."""
+    from pyctr.api._pb.containerd.services.containers.v1 import GetContainerRequest
+    from pyctr.api._pb.containerd.services.snapshots.v1 import MountsRequest
+    from pyctr.api._pb.containerd.services.tasks import v1 as tpb
+    from pyctr.ctr import checkpoint
+    from pyctr.ctr.client import Client
+
+    with Client(address, NAMESPACE, timeout=120) as c:
+        container = (await c.containers.get(GetContainerRequest(id=cid))).container
+        assert container is not None
+        mounts = (
+            await c.snapshots.mounts(
+                MountsRequest(snapshotter=container.snapshotter, key=container.snapshot_key)
+            )
+        ).mounts
+        desc = await checkpoint.find_checkpoint(c, image)
+        await c.tasks.create(tpb.CreateTaskRequest(container_id=cid, rootfs=list(mounts), checkpoint=desc))
+        await c.tasks.start(tpb.StartRequest(container_id=cid))
+
+
+@register
+class CheckpointRestore(Figure):
+    """A busybox ``sleep`` checkpointed by the real ``ctr`` into a checkpoint image, then created
+    again from that image and started. The restore goes through pyctr's client code in this
+    process, the same on both daemons; it is timed from Tasks.Create to Start's reply."""
+
+    id = "checkpoint-restore"
+    title = "checkpoint (`ctr tasks checkpoint --exit`) and restore (Create from the image + Start)"
+    metrics = (
+        Metric("checkpoint_ms", "`ctr tasks checkpoint --exit`", "ms"),
+        Metric("restore_ms", "Tasks.Create from the checkpoint + Start", "ms"),
+    )
+    fixtures = ("busybox",)
+    needs = RUN_RPCS
+    ref = ""
+
+    def host_unsupported(self) -> str:
+        return _criu_unusable()
+
+    def setup(self, ctx: Context, side: Side) -> None:
+        self.ref = _pull(ctx, side.daemon, "busybox")
+
+    def measure(self, ctx: Context, side: Side, rep: str) -> dict[str, float]:
+        from bench import clients
+
+        d = side.daemon
+        cid = f"bench-ckpt-{rep}"
+        proc.run(d.ctr("run", "-d", "--null-io", self.ref, cid, "sleep", "1000000"), timeout=120)
+        try:
+            t0 = time.perf_counter()
+            image = proc.run(d.ctr("tasks", "checkpoint", "--exit", cid), timeout=120).stdout.strip()
+            checkpoint_ms = (time.perf_counter() - t0) * 1000
+            deadline = time.monotonic() + 30
+            while _tasks(d)[cid][1] != "STOPPED":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{side.kind}: the task did not stop after `checkpoint --exit`")
+                time.sleep(0.02)
+            proc.run(d.ctr("tasks", "rm", cid), timeout=120)
+            t0 = time.perf_counter()
+            clients.run(_restore(d.address, cid, image))
+            restore_ms = (time.perf_counter() - t0) * 1000
+            if _tasks(d).get(cid, (0, ""))[1] != "RUNNING":
+                raise RuntimeError(f"{side.kind}: the restored task is not RUNNING: {_tasks(d).get(cid)}")
+        finally:
+            proc.run(d.ctr("tasks", "rm", "-f", cid), check=False, timeout=120)
+            proc.run(d.ctr("containers", "rm", cid), check=False, timeout=120)
+            for name in proc.run(d.ctr("images", "ls", "-q"), timeout=60).stdout.split():
+                if name.startswith(f"containerd.io/checkpoint/{cid}:"):
+                    proc.run(d.ctr("images", "rm", "--sync", name), check=False, timeout=120)
+        return {"checkpoint_ms": checkpoint_ms, "restore_ms": restore_ms}
+
+    def teardown(self, ctx: Context, side: Side) -> None:
         if side.daemon.revive():
             side.daemon.remove_all_containers()

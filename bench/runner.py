@@ -112,6 +112,9 @@ class Runner:
         return self.caps.missing_commands(fig), sides, unavailable
 
     def _run(self, fig: Figure) -> FigureResult:
+        host = fig.host_unsupported()
+        if host:
+            return FigureResult(fig, "skipped", f"this host cannot: {host}")
         reason, sides, unavailable = self._gate(fig)
         if reason:
             return FigureResult(fig, "skipped", reason)
