@@ -34,6 +34,11 @@ INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    *INDEX_TYPES,
+)
 
 # -- listing ---------------------------------------------------------------------------------------
 
@@ -55,12 +60,22 @@ async def describe(client: Client, image: pb.Image) -> tuple[int, list[str]]:
         if target.media_type in INDEX_TYPES:
             index = await read_json(client, target.digest)
             host = platforms.default()
+            chosen = []
             for m in index.get("manifests", []):
-                p = m.get("platform") or {}
+                p = m.get("platform")
+                if p is None:
+                    continue
                 plat = platforms.Platform(p.get("os", ""), p.get("architecture", ""), p.get("variant", ""))
                 plats.append(str(platforms.normalize(plat)))
                 if platforms.matches(plat, host):
-                    manifest_digest = m["digest"]
+                    chosen.append(m)
+            # As containerd's LimitManifests(…, 1): one child, a platform match before those without one.
+            chosen += [m for m in index.get("manifests", []) if m.get("platform") is None]
+            if chosen and chosen[0].get("mediaType") not in MANIFEST_TYPES:
+                # Not an image: a checkpoint's index leads with criu's tar.
+                return target.size + int(chosen[0].get("size", 0)), sorted(set(plats))
+            if chosen:
+                manifest_digest = chosen[0]["digest"]
         manifest = await read_json(client, manifest_digest)
         size = sum(int(d.get("size", 0)) for d in [manifest.get("config", {}), *manifest.get("layers", [])])
         info = (await client.content.info(InfoRequest(digest=manifest_digest))).info
@@ -73,10 +88,10 @@ async def describe(client: Client, image: pb.Image) -> tuple[int, list[str]]:
             plats.append(str(platforms.normalize(plat)))
         return size, sorted(set(plats))
     except (ContainerdError, KeyError, ValueError):
-        return 0, plats
+        return 0, sorted(set(plats))
     except Exception as exc:
         if "not found" in str(exc):
-            return 0, plats
+            return 0, sorted(set(plats))
         raise
 
 

@@ -134,6 +134,11 @@ def test_checkpoint_image_is_containerds(both: tuple[Ctr, Ctr]) -> None:
 
         row = image_row(ctr, name)
         assert row[1] == INDEX and row[-1] == "containerd.io/checkpoint=true", row
+        listed = pyctr(ctr, "images", "ls")
+        assert listed.returncode == 0, listed.stderr
+        mine = next(line.split() for line in listed.stdout.splitlines() if line.startswith(name + " "))
+        # pyctr sizes it as ctr does (the index and criu's tar), and names its one platform.
+        assert mine[3] != "0B" and mine[4] == "linux/amd64", mine
         index = json.loads(blob(ctr, row[2]))
         manifests = index["manifests"]
         by_type = {m["mediaType"]: m for m in manifests}
