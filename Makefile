@@ -10,13 +10,19 @@ APT_PACKAGES := runc containerd docker-registry skopeo umoci busybox-static prot
 # Installed without their Recommends: docker.io's (cgroupfs-mount, needrestart, apparmor) act on the
 # host's services.
 APT_NO_RECOMMENDS := docker.io
+# The shims run on CPython 3.12 where the machine has one (less private memory per shim; see
+# hack/shim_python.py), in a venv of their own; else on the main venv's interpreter.
+SHIM_PY ?= $(shell for p in $$(pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 \
+  /usr/bin/python3.12; do [ -x "$$p" ] && "$$p" -c "" 2>/dev/null && { echo "$$p"; break; }; done)
+SHIM_VENV := .venv-shim
+SHIM_STAMP := $(VENV)/.shim-installed
 ROOT ?= /var/lib/pyctrd
 STATE ?= /run/pyctrd
 ADDRESS ?= $(STATE)/pyctrd.sock
 
 .PHONY: setup apt run test lint typecheck layers unit proto bench-deps bench bench-quick clean
 
-setup: $(STAMP) apt
+setup: $(STAMP) $(SHIM_STAMP) apt
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,6 +30,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/python hack/devlinks.py
 	touch $(STAMP)
+
+# After the main venv: its pip install rewrites the shim script, which shim_python.py points back.
+$(SHIM_STAMP): pyproject.toml $(STAMP)
+	@if [ -n "$(SHIM_PY)" ]; then \
+	  set -e; test -x $(SHIM_VENV)/bin/python || $(SHIM_PY) -m venv $(SHIM_VENV); \
+	  $(SHIM_VENV)/bin/pip install -q -e .; \
+	  $(SHIM_VENV)/bin/python hack/devlinks.py; \
+	else echo "no CPython 3.12 found: the shims run on the main venv's interpreter"; fi
+	$(BIN)/python hack/shim_python.py $(SHIM_VENV)
+	touch $(SHIM_STAMP)
 
 # A policy-rc.d that refuses every start (exit 101) is in place during the install, unless the
 # machine has one already: the packages' services (containerd, docker) must not start on the host.
@@ -68,6 +84,7 @@ proto: setup
 bench-deps: setup
 	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/python hack/devlinks.py
+	$(BIN)/python hack/shim_python.py $(SHIM_VENV)
 
 bench: bench-deps
 	$(BIN)/python -m bench run
@@ -76,4 +93,4 @@ bench-quick: bench-deps
 	$(BIN)/python -m bench run --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SHIM_VENV) build *.egg-info

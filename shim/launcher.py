@@ -13,12 +13,13 @@ How, per daemon (one launcher per shim socket directory, ``<dir>/pyrunc-launcher
   binds the socket itself and spawns ``python -m pyctr.shim.launcher`` with the bound socket as
   fd 3 (so concurrent starts simply queue on the backlog). The launcher writes
   ``pyrunc-launcher.pid`` and removes it (and its socket) when it exits.
-* Request (one SOCK_SEQPACKET message): JSON ``{"argv", "cwd"}``, a newline, the environment as
+* Request (one SOCK_SEQPACKET message): JSON ``{"argv", "cwd", "python"}``, a newline, the environment as
   sorted ``KEY=VALUE`` strings joined by NUL bytes, and the shim's listening socket as SCM_RIGHTS.
   The launcher compares the environment with its own as one byte string; a shim that differs (a
   request from another namespace, say) is handed only the variables to set and to unset.
   Reply: ``{"pid": N}`` or ``{"error": "..."}``; ``"stale"`` means the code on disk changed since
-  the launcher started (it exits, and ``start`` spawns a new one).
+  the launcher started, or ``python`` is not the interpreter it runs on (it exits, and ``start``
+  spawns a new one on that interpreter).
 * The launcher forks the shim (a bare ``fork(2)``, see :func:`_bare_fork`), which calls ``setsid``.
   The shim is the launcher's child while the launcher lives (SIGCHLD is ignored there, so the
   kernel reaps a shim that exits) and is re-parented to init or the nearest subreaper when the
@@ -82,11 +83,11 @@ def spawn_detached(argv: list[str], fd3: int, env: Mapping[str, str] | None = No
     actions: list[tuple[Any, ...]] = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
     actions.append((os.POSIX_SPAWN_DUP2, fd3, 3))
     return os.posix_spawn(
-        sys.executable, argv, os.environ if env is None else env, file_actions=actions, setsid=True
+        argv[0], argv, os.environ if env is None else env, file_actions=actions, setsid=True
     )
 
 
-def _spawn_launcher(sockdir: str, path: str, env: Mapping[str, str]) -> None:
+def _spawn_launcher(sockdir: str, path: str, env: Mapping[str, str], interpreter: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -94,7 +95,7 @@ def _spawn_launcher(sockdir: str, path: str, env: Mapping[str, str]) -> None:
         listener.bind(path)
         os.chmod(path, 0o600)
         listener.listen(64)
-        pid = spawn_detached([sys.executable, "-m", "pyctr.shim.launcher", sockdir], listener.fileno(), env)
+        pid = spawn_detached([interpreter, "-m", "pyctr.shim.launcher", sockdir], listener.fileno(), env)
     finally:
         listener.close()
     # The launcher is our child until we exit: reap it if it leaves first (a `start` process is gone
@@ -110,7 +111,9 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, 0)
 
 
-def _connect_or_spawn(sockdir: str, timeout: float, env: Mapping[str, str]) -> socket.socket:
+def _connect_or_spawn(
+    sockdir: str, timeout: float, env: Mapping[str, str], interpreter: str
+) -> socket.socket:
     path = os.path.join(sockdir, SOCKET_NAME)
     try:
         return _connect(path, timeout)
@@ -122,7 +125,7 @@ def _connect_or_spawn(sockdir: str, timeout: float, env: Mapping[str, str]) -> s
         try:
             return _connect(path, timeout)  # another start spawned it while we waited for the lock
         except (FileNotFoundError, ConnectionRefusedError):
-            _spawn_launcher(sockdir, path, env)
+            _spawn_launcher(sockdir, path, env, interpreter)
         return _connect(path, timeout)
 
 
@@ -134,14 +137,18 @@ def launch(
     *,
     env: Mapping[str, str] | None = None,
     timeout: float = 20.0,
+    interpreter: str = "",
 ) -> int:
     """Has the launcher of ``sockdir`` fork a shim serving ``listener_fd`` with ``env`` (default: ours)
-    in ``cwd``; returns the shim's pid."""
+    in ``cwd``; returns the shim's pid. The launcher runs on ``interpreter`` (default: ours): one on
+    another is replaced."""
     env = os.environ if env is None else env
-    request = json.dumps({"argv": argv, "cwd": cwd}).encode() + b"\n" + environment_block(env)
+    interpreter = interpreter or sys.executable
+    head = {"argv": argv, "cwd": cwd, "python": interpreter}
+    request = json.dumps(head).encode() + b"\n" + environment_block(env)
     try:
         for _ in range(2):
-            with _connect_or_spawn(sockdir, timeout, env) as conn:
+            with _connect_or_spawn(sockdir, timeout, env, interpreter) as conn:
                 socket.send_fds(conn, [request], [listener_fd])
                 reply = json.loads(conn.recv(65536) or b"{}")
             if reply.get("pid"):
@@ -357,14 +364,18 @@ def _parse_request(msg: bytes, own: _Environment) -> dict[str, Any]:
 
 
 def _handle(conn: socket.socket, sock: _Socket, freshness: _Freshness, own: _Environment) -> bool:
-    """Serves one request; returns False when the launcher must exit (stale code)."""
+    """Serves one request; returns False when the launcher must exit (stale code, or a request for
+    a launcher on another interpreter)."""
     conn.settimeout(10)
     fds: list[int] = []
     try:
         if _peer_uid(conn) != os.geteuid():
             return True
         msg, fds, _, _ = socket.recv_fds(conn, _REQUEST_MAX, 4)
-        if freshness.stale():
+        request = _parse_request(msg, own)
+        del msg  # freed before the fork, not in the shim's lifetime
+        wanted = request.get("python")
+        if freshness.stale() or (wanted and os.path.abspath(wanted) != os.path.abspath(sys.executable)):
             # Gone before the answer: the client's retry must find no socket and spawn a new launcher.
             sock.release()
             conn.send(b'{"error": "stale"}')
@@ -372,8 +383,6 @@ def _handle(conn: socket.socket, sock: _Socket, freshness: _Freshness, own: _Env
         if len(fds) != 1:
             conn.send(b'{"error": "expected one listening socket"}')
             return True
-        request = _parse_request(msg, own)
-        del msg  # freed before the fork, not in the shim's lifetime
         pid = _fork_shim(request, fds[0], [sock.listener, conn])
         conn.send(b'{"pid": %d}' % pid)
     except (OSError, ValueError, KeyError) as exc:

@@ -121,8 +121,10 @@ def start(
     options: bytes = b"",
     debug: bool = False,
     exec_fallback: bool = True,
+    interpreter: str = "",
 ) -> str:
-    """Starts (or finds) the shim of ``id``'s group; returns its ``unix://`` address.
+    """Starts (or finds) the shim of ``id``'s group; returns its ``unix://`` address. The launcher
+    runs on ``interpreter`` (default: ours).
 
     Raises :class:`NoLauncher` (having undone everything) when the launcher is unavailable and
     ``exec_fallback`` is false; other failures raise OSError and the like.
@@ -152,7 +154,7 @@ def start(
             try:
                 # One launcher per socket directory, i.e. per daemon.
                 sockdir = os.path.dirname(shim_address.socket_path(addr))
-                pid = launcher.launch(sockdir, argv, bundle, sock.fileno(), env=env)
+                pid = launcher.launch(sockdir, argv, bundle, sock.fileno(), env=env, interpreter=interpreter)
             except launcher.Unavailable as exc:
                 if not exec_fallback:
                     raise NoLauncher(str(exc)) from exc

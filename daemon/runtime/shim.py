@@ -62,19 +62,27 @@ OWN_SHIM = "containerd-shim-pyrunc-v2"
 
 
 @functools.cache
-def same_interpreter(path: str) -> bool:
-    """Whether ``path`` is our shim's console script for the interpreter running this daemon."""
+def shim_interpreter(path: str) -> str | None:
+    """The interpreter of our shim's console script at ``path`` when the daemon may start that shim
+    in-process (through the launcher, run on that interpreter): the script names this daemon's
+    interpreter, or it is installed beside it (``make`` may point it at a newer Python, whose shims
+    cost less memory; see docs/architecture.md). None: exec the script, as any other shim."""
     if os.path.basename(path) != OWN_SHIM or os.environ.get("PYCTR_SHIM_INPROCESS_START", "1") == "0":
-        return False
+        return None
     try:
         with open(path, "rb") as f:
             head = f.readline(4096)
     except OSError:
-        return False
-    if not head.startswith(b"#!"):
-        return False
-    interpreter = head[2:].split()[0].decode(errors="replace") if head[2:].split() else ""
-    return bool(interpreter) and os.path.realpath(interpreter) == os.path.realpath(sys.executable)
+        return None
+    words = head[2:].split() if head.startswith(b"#!") else []
+    if not words:
+        return None
+    interpreter = words[0].decode(errors="replace")
+    if os.path.realpath(interpreter) == os.path.realpath(sys.executable):
+        return interpreter
+    if os.path.dirname(os.path.realpath(path)) == os.path.dirname(os.path.abspath(sys.executable)):
+        return interpreter if os.access(interpreter, os.X_OK) else None
+    return None
 
 
 def _write(path: str, text: str) -> None:
@@ -122,8 +130,9 @@ class ShimBinary:
 
     async def start(self, bundle: Bundle, options: PbAny | None) -> str:
         stdin = bytes(options) if options is not None else b""
-        if same_interpreter(self.path):
-            address = await self._start_in_process(bundle, stdin)
+        interpreter = shim_interpreter(self.path)
+        if interpreter is not None:
+            address = await self._start_in_process(bundle, stdin, interpreter)
             if address:
                 _write(os.path.join(bundle.path, "shim-binary-path"), self.path)
                 return address
@@ -156,7 +165,7 @@ class ShimBinary:
         _write(os.path.join(bundle.path, "shim-binary-path"), self.path)
         return address
 
-    async def _start_in_process(self, bundle: Bundle, options: bytes) -> str:
+    async def _start_in_process(self, bundle: Bundle, options: bytes, interpreter: str) -> str:
         """The ``start`` action without its process; "" when no launcher could fork the shim."""
         # Loaded by the first start: a restarted daemon reconnecting to its shims does not need it.
         from pyctr.shim import start as shim_start
@@ -171,6 +180,7 @@ class ShimBinary:
                 options=options,
                 debug=self.debug,
                 exec_fallback=False,
+                interpreter=interpreter,
             )
 
         try:
