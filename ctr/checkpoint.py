@@ -5,7 +5,9 @@ daemon checkpoints it into two blobs (criu's images as a tar, the container's sp
 index ties them to the container's image and a diff of its read-write layer; the index becomes an
 image named ``containerd.io/checkpoint/<id>:<date>`` labelled ``containerd.io/checkpoint=true``.
 The task is resumed at the end (unless it was asked to exit). ``pyctr tasks start --checkpoint``
-finds the criu tar in such an image and creates the task from it.
+finds the criu tar in such an image and creates the task from it; ``pyctr containers restore``
+first makes the container again (containerd's ``Restore``: ctr 1.6's own cannot restore, its
+``containers checkpoint --task`` drops the task's blobs).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ T = TypeVar("T")
 MEDIA_TYPE_CHECKPOINT = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
 MEDIA_TYPE_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+MEDIA_TYPE_CHECKPOINT_CONFIG = "application/vnd.containerd.container.checkpoint.config.v1+proto"
+MEDIA_TYPE_RUNTIME_OPTIONS = "application/vnd.containerd.container.checkpoint.runtime.options+proto"
+DEFAULT_RUNTIME = "io.containerd.runc.v2"
+DEFAULT_SNAPSHOTTER = "overlayfs"
 CHECKPOINT_LABEL = "containerd.io/checkpoint"
 
 
@@ -242,3 +248,97 @@ async def find_checkpoint(client: Client, ref: str) -> Descriptor:
                 annotations=dict(m.get("annotations") or {}),
             )
     raise NotFound(f"checkpoint not found in index {image.target.digest}")
+
+
+async def _read_blob(client: Client, digest: str) -> bytes:
+    from pyctr.api._pb.containerd.services.content.v1 import ReadContentRequest
+
+    async def read() -> bytes:
+        return b"".join([r.data async for r in client.content.read(ReadContentRequest(digest=digest))])
+
+    return await _call(client, read())
+
+
+async def restore_container(client: Client, container_id: str, ref: str, *, rw: bool) -> None:
+    """Creates container ``container_id`` as checkpoint image ``ref`` recorded it (containerd's
+    ``Restore`` with ``WithRestoreImage``/``Spec``/``Runtime``, and ``WithRestoreRW`` for ``rw``):
+    a new snapshot of the image, the read-write layer applied on it, the spec and runtime of the
+    checkpointed container. Reads both index layouts: the container checkpoint's annotations, and
+    the task checkpoint's ``image.name`` (``ctr tasks checkpoint``, ``pyctr tasks checkpoint``)."""
+    from pyctr.api._pb.containerd.services.containers import v1 as cpb
+    from pyctr.api._pb.containerd.services.diff.v1 import ApplyRequest
+    from pyctr.api._pb.containerd.services.images.v1 import GetImageRequest
+    from pyctr.api._pb.containerd.services.leases.v1 import CreateRequest, DeleteRequest
+    from pyctr.api._pb.containerd.services.snapshots import v1 as spb
+    from pyctr.ctr.imageops import image_config, read_json
+
+    image = (await _call(client, client.images.get(GetImageRequest(name=ref)))).image
+    assert image is not None and image.target is not None
+    if image.target.media_type != MEDIA_TYPE_INDEX:
+        raise InvalidArgument(f"image {ref} is not a checkpoint: its target is {image.target.media_type}")
+    index = await read_json(client, image.target.digest)
+    annotations = index.get("annotations") or {}
+    by_type = {m.get("mediaType"): m for m in index.get("manifests") or []}
+    name = annotations.get("org.opencontainers.image.ref.name") or annotations.get("image.name")
+    if not name:
+        raise InvalidArgument(f"checkpoint {ref} names no image")
+    if MEDIA_TYPE_CHECKPOINT_CONFIG not in by_type:
+        raise NotFound(f"checkpoint {ref} has no spec ({MEDIA_TYPE_CHECKPOINT_CONFIG})")
+    spec = PbAny.parse(await _read_blob(client, by_type[MEDIA_TYPE_CHECKPOINT_CONFIG]["digest"]))
+    options = None
+    if MEDIA_TYPE_RUNTIME_OPTIONS in by_type:
+        options = PbAny.parse(await _read_blob(client, by_type[MEDIA_TYPE_RUNTIME_OPTIONS]["digest"]))
+    runtime = annotations.get("io.containerd.checkpoint.runtime") or DEFAULT_RUNTIME
+    if options is None and runtime.startswith("io.containerd.runc."):
+        options = PbAny(type_url="containerd.runc.v1.Options")  # what ctr run records, all defaults
+    snapshotter = annotations.get("io.containerd.checkpoint.snapshotter") or DEFAULT_SNAPSHOTTER
+    if rw and MEDIA_TYPE_LAYER_GZIP not in by_type:
+        raise NotFound(f"checkpoint {ref} has no read-write layer")
+    _, chains = await image_config(client, name)
+    if not chains:
+        raise InvalidArgument(f"image {name} has no layers")
+
+    expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
+    lease = f"pyctr-restore-{uuid.uuid4().hex}"
+    await _call(
+        client, client.leases.create(CreateRequest(id=lease, labels={"containerd.io/gc.expire": expiry}))
+    )
+    client.lease = lease
+    prepared = False
+    try:
+        mounts = (
+            await _call(
+                client,
+                client.snapshots.prepare(
+                    spb.PrepareSnapshotRequest(snapshotter=snapshotter, key=container_id, parent=chains[-1])
+                ),
+            )
+        ).mounts
+        prepared = True
+        if rw:
+            layer = by_type[MEDIA_TYPE_LAYER_GZIP]
+            desc = Descriptor(media_type=layer["mediaType"], digest=layer["digest"], size=int(layer["size"]))
+            await _call(client, client.diff.apply(ApplyRequest(diff=desc, mounts=list(mounts))))
+        container = cpb.Container(
+            id=container_id,
+            image=name,
+            runtime=cpb.ContainerRuntime(name=runtime, options=options),
+            spec=spec,
+            snapshotter=snapshotter,
+            snapshot_key=container_id,
+        )
+        await _call(client, client.containers.create(cpb.CreateContainerRequest(container=container)))
+    except BaseException:
+        if prepared:  # ours; a snapshot that existed before (the id in use) is not
+            with contextlib.suppress(ContainerdError):
+                await _call(
+                    client,
+                    client.snapshots.remove(
+                        spb.RemoveSnapshotRequest(snapshotter=snapshotter, key=container_id)
+                    ),
+                )
+        raise
+    finally:
+        client.lease = ""
+        with contextlib.suppress(ContainerdError):
+            await _call(client, client.leases.delete(DeleteRequest(id=lease)))

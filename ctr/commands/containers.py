@@ -1,4 +1,4 @@
-"""``pyctr containers ls|info|rm|label``, as ``ctr containers`` has them.
+"""``pyctr containers ls|info|rm|label|restore``, as ``ctr containers`` has them.
 
 ``rm`` follows ctr's ``deleteContainer``: a task that is created or stopped is deleted first, any
 other refuses ("cannot delete a non stopped container"); the container's snapshot is removed with
@@ -58,6 +58,20 @@ def register(sub: Any) -> None:
     label.add_argument("id")
     label.add_argument("labels", nargs="*", metavar="KEY=VALUE")
     label.set_defaults(func=label_)
+
+    restore = verbs.add_parser(
+        "restore", help="create a container from a checkpoint image and start its task (see tasks checkpoint)"
+    )
+    restore.add_argument("id")
+    restore.add_argument("checkpoint", metavar="IMAGE")
+    restore.add_argument("--rw", action="store_true", help="restore the read-write layer from the checkpoint")
+    restore.add_argument(
+        "--live",
+        action="store_true",
+        help="restore the process from the checkpoint (else start the spec's anew)",
+    )
+    restore.add_argument("-d", "--detach", action="store_true", help="start and return")
+    restore.set_defaults(func=restore_)
 
 
 async def rpc(client: Client, call: Awaitable[T]) -> T:
@@ -188,3 +202,14 @@ async def label_(args: argparse.Namespace, client: Client) -> int:
     lbls = resp.container.labels if resp.container else {}
     print(",".join(f"{k}={v}" for k, v in sorted(lbls.items())))
     return 0
+
+
+async def restore_(args: argparse.Namespace, client: Client) -> int:
+    from pyctr.ctr import checkpoint
+    from pyctr.ctr.commands import tasks
+
+    await checkpoint.restore_container(client, args.id, args.checkpoint, rw=args.rw)
+    start = argparse.Namespace(
+        id=args.id, detach=args.detach, checkpoint=args.checkpoint if args.live else ""
+    )
+    return await tasks.start_(start, client)

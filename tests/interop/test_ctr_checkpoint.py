@@ -13,6 +13,7 @@ the vDSO of 6.x kernels. Without one they are skipped, and the refusal is tested
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -25,6 +26,7 @@ import pytest
 
 from pyctr.api import binaries
 from pyctr.api._pb.google.protobuf import Any as PbAny
+from pyctr.ctr import checkpoint
 from tests.helpers import daemons
 from tests.helpers.streams import LineReader, stop_process
 from tests.interop import test_ctr_run
@@ -280,3 +282,85 @@ def test_restore_in_the_foreground_streams_output(both: tuple[Ctr, Ctr]) -> None
         assert values == sorted(values) and values[0] >= at_checkpoint, (values, at_checkpoint)
         seen.append({"exit code": code, "tasks": cid in ctr.tasks()})
     assert seen[0] == seen[1] == {"exit code": 137, "tasks": False}, seen
+
+
+@needs_criu
+def test_restore_a_removed_container(both: tuple[Ctr, Ctr]) -> None:
+    """The container is gone too: ``pyctr containers restore --live --rw`` makes it again from the
+    real ctr's checkpoint image (its image, spec and runtime, its read-write layer) and resumes the
+    process; ctr 1.6's own ``containers restore`` cannot read a task checkpoint."""
+    seen = []
+    for ctr in both:
+        cid = unique("gone")
+        run_counter(ctr, cid)
+        ctr.ok("tasks", "exec", "--exec-id", "mark", cid, "sh", "-c", "echo kept > /marker")
+        before = json.loads(ctr.ok("containers", "info", cid))
+        name = ctr.ok("tasks", "checkpoint", "--exit", cid).strip()
+        ctr.wait_status(cid, "STOPPED")
+        at_checkpoint = counter_file(ctr, cid)
+        ctr.ok("tasks", "rm", cid)
+        ctr.ok("containers", "rm", cid)
+
+        r = pyctr(ctr, "containers", "restore", "--live", "--rw", "-d", cid, name)
+        assert r.returncode == 0, (r.stderr, ctr.d.log()[-3000:])
+        after = json.loads(ctr.ok("containers", "info", cid))
+        value = counter(ctr, cid)
+        marker = ctr("tasks", "exec", "--exec-id", "cat", cid, "cat", "/marker")
+        seen.append(
+            {
+                "status": ctr.tasks()[cid][1],
+                "same": {k: after[k] == before[k] for k in ("Image", "Spec", "Snapshotter", "Runtime")},
+                "counter goes on": value >= at_checkpoint,
+                "rw layer": marker.stdout,
+            }
+        )
+        ctr.ok("tasks", "kill", "-s", "SIGKILL", cid)
+        ctr.wait_status(cid, "STOPPED")
+        ctr.ok("tasks", "rm", cid)
+        ctr.ok("containers", "rm", cid)
+    assert seen[0] == seen[1], seen
+    assert seen[0]["status"] == "RUNNING" and seen[0]["rw layer"] == "kept\n", seen
+    assert all(seen[0]["same"].values()) and seen[0]["counter goes on"], seen
+
+
+@needs_criu
+def test_a_task_checkpointed_on_containerd_resumes_on_pyctrd(both: tuple[Ctr, Ctr]) -> None:
+    """Moving a running task between daemons: checkpointed by containerd, its checkpoint image's
+    blobs copied into pyctrd through the Content API (ctr 1.6's ``images export`` fails on a
+    checkpoint: it reads criu's tar as a manifest), the container restored there from it; the
+    process counts on."""
+    py, cd = both
+    cid = unique("move")
+    run_counter(cd, cid)
+    name = cd.ok("tasks", "checkpoint", "--exit", cid).strip()
+    cd.wait_status(cid, "STOPPED")
+    at_checkpoint = counter_file(cd, cid)
+    asyncio.run(copy_image(cd, py, name))
+    r = pyctr(py, "containers", "restore", "--live", "--rw", "-d", cid, name)
+    assert r.returncode == 0, (r.stderr, py.d.log()[-3000:])
+    assert py.tasks()[cid][1] == "RUNNING"
+    assert counter(py, cid) >= at_checkpoint
+
+
+async def copy_image(src: Ctr, dst: Ctr, name: str) -> None:
+    """The checkpoint image ``name``: its index and the blobs it names (but the container image,
+    which both daemons pulled), from ``src`` to ``dst``, under a lease until the image exists."""
+    from pyctr.api._pb.containerd.services.images.v1 import CreateImageRequest, GetImageRequest
+    from pyctr.api._pb.containerd.services.leases.v1 import CreateRequest, DeleteRequest
+    from pyctr.ctr.client import Client
+
+    with Client(src.d.address, src.ns, timeout=30) as a, Client(dst.d.address, dst.ns, timeout=30) as b:
+        image = (await a.images.get(GetImageRequest(name=name))).image
+        assert image is not None and image.target is not None
+        index = await checkpoint._read_blob(a, image.target.digest)
+        await b.leases.create(CreateRequest(id="copy-checkpoint"))
+        b.lease = "copy-checkpoint"
+        labels = {}
+        for i, m in enumerate(json.loads(index)["manifests"]):
+            labels[f"containerd.io/gc.ref.content.{i}"] = m["digest"]
+            if m["mediaType"] != MANIFEST:
+                await checkpoint._write_blob(b, m["digest"], await checkpoint._read_blob(a, m["digest"]), {})
+        await checkpoint._write_blob(b, image.target.digest, index, labels)
+        await b.images.create(CreateImageRequest(image=image))
+        b.lease = ""
+        await b.leases.delete(DeleteRequest(id="copy-checkpoint"))
