@@ -220,6 +220,13 @@ def test_restore_from_checkpoint_image(both: tuple[Ctr, Ctr]) -> None:
             assert f.read().split(b"\0")[:2] == [b"sh", b"-c"]
         time.sleep(0.3)
         assert counter(ctr, cid) > value
+        if ctr is both[0]:
+            # A SIGKILLed pyctrd comes back to the restored task like to any other.
+            assert ctr.d.proc is not None
+            ctr.d.proc.kill()
+            ctr.d.proc.wait()
+            daemons.restart(ctr.d)
+            assert ctr.tasks()[cid] == [pid, "RUNNING"]
         ctr.ok("tasks", "kill", "-s", "SIGKILL", cid)
         row = ctr.wait_status(cid, "STOPPED")
         r = ctr("tasks", "rm", cid)
