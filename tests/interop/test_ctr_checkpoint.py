@@ -27,7 +27,7 @@ import pytest
 from pyctr.api import binaries
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.ctr import checkpoint
-from tests.helpers import daemons
+from tests.helpers import criu, daemons
 from tests.helpers.streams import LineReader, stop_process
 from tests.interop import test_ctr_run
 from tests.interop.test_ctr_run import Ctr, unique
@@ -40,19 +40,8 @@ both = test_ctr_run.both
 pytestmark = pytest.mark.interop
 
 
-def criu_check() -> str | None:
-    """None when criu is installed and ``criu check`` passes, else why not."""
-    criu = binaries.criu()
-    if criu is None:
-        return "criu is not installed"
-    r = subprocess.run([criu, "check"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return f"`criu check` fails: {(r.stderr.strip().splitlines() or ['?'])[0]}"
-    return None
-
-
-CRIU_MISSING = criu_check()
-needs_criu = pytest.mark.skipif(CRIU_MISSING is not None, reason=f"no working criu: {CRIU_MISSING}")
+CRIU_MISSING = criu.unusable()
+needs_criu = criu.needed
 
 COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/n; sleep 0.05; done"
 INDEX = "application/vnd.oci.image.index.v1+json"

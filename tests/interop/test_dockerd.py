@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import daemons, images
+from tests.helpers import criu, daemons, images
 from tests.helpers.daemons import alive, mounts_under, read_log
 from tests.helpers.streams import wait_for
 
@@ -82,7 +82,7 @@ class Dockerd:
     def log(self) -> str:
         return read_log(self.log_path)
 
-    def start(self, live_restore: bool = False) -> None:
+    def start(self, live_restore: bool = False, experimental: bool = False) -> None:
         config = os.path.join(self.base, "daemon.json")
         with open(config, "w") as f:
             f.write("{}\n")  # not /etc/docker/daemon.json
@@ -107,6 +107,8 @@ class Dockerd:
         ]
         if live_restore:
             argv.append("--live-restore")
+        if experimental:
+            argv.append("--experimental")  # docker checkpoint
         t0 = time.monotonic()
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(
@@ -443,3 +445,34 @@ def test_live_restore_keeps_the_container(env: Env) -> None:
     assert not alive(pid)
     env.assert_moby_empty()
     dk.ok("rm", cid)
+
+
+@criu.needed
+def test_checkpoint_and_start_from_it(env: Env) -> None:
+    """``docker checkpoint create`` (experimental in 20.10): dockerd has pyctrd checkpoint the task
+    into its content store, reads criu's tar back and unpacks it into its own checkpoint directory;
+    ``docker start --checkpoint`` writes it into the content store again and creates the task from
+    it. The restored process goes on counting where it stopped, in the same log."""
+    dk = env.docker
+    dk.stop()
+    dk.start(experimental=True)
+    try:
+        script = "i=0; while :; do echo tick $i; i=$((i+1)); sleep 0.1; done"
+        cid = dk.ok("run", "-d", *NONE, IMAGE, "sh", "-c", script).strip()
+        wait_for(lambda: len(_ticks(dk, cid)) >= 3, timeout=10, interval=0.05)
+        dk.ok("checkpoint", "create", cid, "cp1", timeout=60)
+        assert dk.inspect(cid, "{{.State.Running}}") == "false"
+        before = _ticks(dk, cid)
+        assert dk.ok("checkpoint", "ls", cid).split()[-1] == "cp1"
+
+        dk.ok("start", "--checkpoint", "cp1", cid, timeout=60)
+        assert dk.inspect(cid, "{{.State.Running}}") == "true"
+        wait_for(lambda: len(_ticks(dk, cid)) > len(before) + 2, timeout=10, interval=0.05)
+        after = _ticks(dk, cid)[len(before) :]
+        assert after[0] == before[-1] + 1, (before[-3:], after[:3])  # counting on, not from 0
+        assert after == list(range(after[0], after[0] + len(after)))
+        dk.ok("rm", "-f", cid)
+        env.assert_moby_empty()
+    finally:
+        dk.stop()
+        dk.start()
