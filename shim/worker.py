@@ -363,14 +363,18 @@ class Worker:
         )
         return bytes(task.StartResponse(pid=pid))
 
-    async def start_exec(self, container: Container, proc: Proc) -> int:
+    def process_io(self, container: Container, proc: Proc) -> tuple[ProcessIO, ConsoleSocket | None]:
+        """The stdio (and console socket) runc gets for ``proc``, from its record."""
         cfg = container.config
         io = ProcessIO(
             Stdio(proc.stdin, proc.stdout, proc.stderr, proc.terminal), uid=cfg["io_uid"], gid=cfg["io_gid"]
         )
         if proc.stdin_closed:
             io.close_stdin()
-        console = ConsoleSocket() if proc.terminal else None
+        return io, ConsoleSocket() if proc.terminal else None
+
+    async def start_exec(self, container: Container, proc: Proc) -> int:
+        io, console = self.process_io(container, proc)
         pid_file = os.path.join(container.bundle, f"{proc.id}.pid")
         spec = dict(json.loads(proc.spec or "{}"), terminal=proc.terminal)
         runc = self.runc(container)
@@ -396,15 +400,8 @@ class Worker:
     async def restore(self, container: Container) -> int:
         """``runc restore`` of the init created from a checkpoint: its stdio and console are set up
         here, as runc create's are at Create; the criu log is kept in the bundle if it fails."""
-        cfg = container.config
-        checkpoint = cfg["restore"]
-        init = container.init
-        io = ProcessIO(
-            Stdio(init.stdin, init.stdout, init.stderr, init.terminal), uid=cfg["io_uid"], gid=cfg["io_gid"]
-        )
-        if init.stdin_closed:
-            io.close_stdin()
-        console = ConsoleSocket() if init.terminal else None
+        checkpoint = container.config["restore"]
+        io, console = self.process_io(container, container.init)
         pid_file = os.path.join(container.bundle, INIT_PID_FILE)
         own_work = not checkpoint["work"]
         work = checkpoint["work"] or os.path.join(container.bundle, "work", "criu-restore")
