@@ -292,12 +292,14 @@ _criu_checks: dict[str, str] = {}
 
 
 async def require_criu(container: cstore.Container) -> None:
-    """Refuses a checkpoint this host cannot take, in the words of the tool that decides it: no
-    criu (Unimplemented), or a criu that cannot run on this kernel (``criu check`` fails: criu 3.17
-    on a 6.x kernel stops at the vDSO, for one; FailedPrecondition). Checked before the shim pauses
-    anything, once per criu binary."""
+    """Refuses a checkpoint a runc shim cannot take on this host, in the words of the tool that
+    decides it: no criu (Unimplemented), or a criu that cannot run on this kernel (``criu check``
+    fails: criu 3.17 on a 6.x kernel stops at the vDSO, for one; FailedPrecondition). Checked
+    before anything is dumped, once per criu binary; other runtimes answer for themselves."""
+    if not checkpoint.is_runc(container.runtime_name):
+        return
     configured = ""
-    if container.runtime_options is not None and checkpoint.is_runc(container.runtime_name):
+    if container.runtime_options is not None:
         from pyctr.api._pb.containerd.runc.v1 import Options
 
         with contextlib.suppress(Exception):
