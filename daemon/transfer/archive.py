@@ -14,7 +14,8 @@ ignored by both sides, as containerd does.
 
 Export writes an OCI image layout tar, as containerd's images/archive exporter does::
 
-    blobs/sha256/<hex>   every index, the manifests of the chosen platforms, configs, layers
+    blobs/sha256/<hex>   every index and the plain blobs it names (a checkpoint's), the manifests of the
+                         chosen platforms, configs, layers
     oci-layout           {"imageLayoutVersion": "1.0.0"}
     index.json           one entry per image: its target, annotated io.containerd.image.name
                          (the full name) and org.opencontainers.image.ref.name (the tag)
@@ -335,6 +336,11 @@ class Exporter:
                 index = await self._read_json(ns, t.digest)
                 for m in index.get("manifests", []):
                     if m.get("mediaType") not in MANIFEST_TYPES:
+                        if m.get("mediaType") not in INDEX_TYPES:
+                            # A blob the index itself names (a checkpoint's criu tar, spec, rw
+                            # layer): it goes with the index, whatever the platforms.
+                            await self.content.info(ns, m["digest"])
+                            blobs[m["digest"]] = int(m["size"])
                         continue
                     p = _platform_of(m)
                     if opts.all_platforms:
@@ -628,6 +634,8 @@ class Importer:
     async def _label_tree(self, ns: str, desc: dict[str, Any]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Give the index/manifests the gc.ref labels a pull gives them; return the manifests here."""
         mt = desc.get("mediaType", "")
+        if mt and mt not in INDEX_TYPES and mt not in MANIFEST_TYPES:
+            return []  # a plain blob an index names (a checkpoint's criu tar): its reference is enough
         doc = await self._read_json(ns, desc["digest"])
         mt = mt or doc.get("mediaType", "")
         if mt in INDEX_TYPES or "manifests" in doc:
