@@ -34,10 +34,6 @@ def set_level(level: int, setup: Callable[[], None] | None = None) -> None:
         _ready = False
 
 
-def enabled(level: int) -> bool:
-    return level >= _threshold
-
-
 def _structlog_logger(name: str) -> Any:
     global _ready
     with _lock:
