@@ -17,17 +17,15 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 from pyctr.api import platforms
 from pyctr.api._pb.containerd.services.tasks import v1 as tpb
 from pyctr.api._pb.containerd.types import Descriptor
 from pyctr.api._pb.google.protobuf import Any as PbAny
-from pyctr.api.errdefs import AlreadyExists, ContainerdError, InvalidArgument, NotFound
-from pyctr.ctr.client import Client, translate
-
-T = TypeVar("T")
+from pyctr.api.errdefs import ContainerdError, InvalidArgument, NotFound
+from pyctr.ctr.client import Client, rpc
+from pyctr.ctr.contentio import read_blob, write_blob
 
 MEDIA_TYPE_CHECKPOINT = "application/vnd.containerd.container.criu.checkpoint.criu.tar"
 MEDIA_TYPE_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -37,17 +35,6 @@ MEDIA_TYPE_RUNTIME_OPTIONS = "application/vnd.containerd.container.checkpoint.ru
 DEFAULT_RUNTIME = "io.containerd.runc.v2"
 DEFAULT_SNAPSHOTTER = "overlayfs"
 CHECKPOINT_LABEL = "containerd.io/checkpoint"
-
-
-async def _call(client: Client, call: Awaitable[T]) -> T:
-    """Awaits a call, its status turned into our categorised errors."""
-    try:
-        return await call
-    except Exception as exc:
-        translated = translate(exc, client.address)
-        if translated is exc:
-            raise
-        raise translated from None
 
 
 def default_name(container_id: str, now: float | None = None) -> str:
@@ -80,46 +67,18 @@ def _platform() -> dict[str, str]:
     return out
 
 
-async def _write_blob(client: Client, ref: str, data: bytes, labels: dict[str, str]) -> str:
-    import hashlib
-
-    from pyctr.api._pb.containerd.services.content.v1 import WriteAction, WriteContentRequest
-
-    digest = f"sha256:{hashlib.sha256(data).hexdigest()}"
-
-    async def requests() -> Any:
-        yield WriteContentRequest(action=WriteAction.STAT, ref=ref, total=len(data), expected=digest)
-        yield WriteContentRequest(action=WriteAction.WRITE, ref=ref, offset=0, data=data)
-        yield WriteContentRequest(
-            action=WriteAction.COMMIT,
-            ref=ref,
-            offset=len(data),
-            total=len(data),
-            expected=digest,
-            labels=labels,
-        )
-
-    async def write() -> None:
-        async for _ in client.content.write(requests()):
-            pass
-
-    with contextlib.suppress(AlreadyExists):
-        await _call(client, write())
-    return digest
-
-
 async def _rw_diff(client: Client, snapshotter: str, key: str) -> Descriptor:
     """The container's read-write layer as a gzip layer blob (containerd's ``rootfs.CreateDiff``)."""
     from pyctr.api._pb.containerd.services.diff.v1 import DiffRequest
     from pyctr.api._pb.containerd.services.snapshots import v1 as spb
 
     info = (
-        await _call(client, client.snapshots.stat(spb.StatSnapshotRequest(snapshotter=snapshotter, key=key)))
+        await rpc(client, client.snapshots.stat(spb.StatSnapshotRequest(snapshotter=snapshotter, key=key)))
     ).info
     assert info is not None
     view = f"{info.parent}-parent-view-{uuid.uuid4().hex[:8]}"
     lower = (
-        await _call(
+        await rpc(
             client,
             client.snapshots.view(
                 spb.ViewSnapshotRequest(snapshotter=snapshotter, key=view, parent=info.parent)
@@ -128,10 +87,10 @@ async def _rw_diff(client: Client, snapshotter: str, key: str) -> Descriptor:
     ).mounts
     try:
         upper = (
-            await _call(client, client.snapshots.mounts(spb.MountsRequest(snapshotter=snapshotter, key=key)))
+            await rpc(client, client.snapshots.mounts(spb.MountsRequest(snapshotter=snapshotter, key=key)))
         ).mounts
         diff = (
-            await _call(
+            await rpc(
                 client,
                 client.diff.diff(
                     DiffRequest(
@@ -144,7 +103,7 @@ async def _rw_diff(client: Client, snapshotter: str, key: str) -> Descriptor:
         return diff
     finally:
         with contextlib.suppress(ContainerdError):
-            await _call(
+            await rpc(
                 client, client.snapshots.remove(spb.RemoveSnapshotRequest(snapshotter=snapshotter, key=view))
             )
 
@@ -164,7 +123,7 @@ async def checkpoint_task(
     from pyctr.api._pb.containerd.services.images.v1 import CreateImageRequest, GetImageRequest, Image
     from pyctr.api._pb.containerd.services.leases.v1 import CreateRequest, DeleteRequest
 
-    container = (await _call(client, client.containers.get(GetContainerRequest(id=container_id)))).container
+    container = (await rpc(client, client.containers.get(GetContainerRequest(id=container_id)))).container
     assert container is not None
     runtime = container.runtime.name if container.runtime else ""
     options = None
@@ -172,15 +131,15 @@ async def checkpoint_task(
         options = checkpoint_options(exit, os.path.abspath(image_path) if image_path else "", work_path)
     expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 24 * 3600))
     lease = f"pyctr-checkpoint-{uuid.uuid4().hex}"
-    await _call(
+    await rpc(
         client, client.leases.create(CreateRequest(id=lease, labels={"containerd.io/gc.expire": expiry}))
     )
     client.lease = lease
     try:
         # Paused first, so criu and the rw diff see one moment of the container.
-        await _call(client, client.tasks.pause(tpb.PauseTaskRequest(container_id=container_id)))
+        await rpc(client, client.tasks.pause(tpb.PauseTaskRequest(container_id=container_id)))
         try:
-            resp = await _call(
+            resp = await rpc(
                 client,
                 client.tasks.checkpoint(
                     tpb.CheckpointTaskRequest(container_id=container_id, options=options)
@@ -192,7 +151,7 @@ async def checkpoint_task(
             manifests = [_descriptor_json(d, platform) for d in resp.descriptors]
             annotations: dict[str, str] = {}
             if container.image:
-                image = (await _call(client, client.images.get(GetImageRequest(name=container.image)))).image
+                image = (await rpc(client, client.images.get(GetImageRequest(name=container.image)))).image
                 assert image is not None and image.target is not None
                 manifests.append(_descriptor_json(image.target))
                 annotations["image.name"] = container.image
@@ -205,9 +164,9 @@ async def checkpoint_task(
             index = {"schemaVersion": 2, "manifests": manifests, "annotations": annotations}
             data = (json.dumps(index, separators=(",", ":")) + "\n").encode()
             labels = {f"containerd.io/gc.ref.content.{i}": m["digest"] for i, m in enumerate(manifests)}
-            digest = await _write_blob(client, f"checkpoint-index-{container_id}", data, labels)
+            digest = await write_blob(client, f"checkpoint-index-{container_id}", data, labels)
             name = name or default_name(container_id)
-            await _call(
+            await rpc(
                 client,
                 client.images.create(
                     CreateImageRequest(
@@ -222,11 +181,11 @@ async def checkpoint_task(
             return name
         finally:
             with contextlib.suppress(ContainerdError):  # gone with --exit, as with ctr
-                await _call(client, client.tasks.resume(tpb.ResumeTaskRequest(container_id=container_id)))
+                await rpc(client, client.tasks.resume(tpb.ResumeTaskRequest(container_id=container_id)))
     finally:
         client.lease = ""
         with contextlib.suppress(ContainerdError):
-            await _call(client, client.leases.delete(DeleteRequest(id=lease)))
+            await rpc(client, client.leases.delete(DeleteRequest(id=lease)))
 
 
 async def find_checkpoint(client: Client, ref: str) -> Descriptor:
@@ -234,7 +193,7 @@ async def find_checkpoint(client: Client, ref: str) -> Descriptor:
     from pyctr.api._pb.containerd.services.images.v1 import GetImageRequest
     from pyctr.ctr.imageops import read_json
 
-    image = (await _call(client, client.images.get(GetImageRequest(name=ref)))).image
+    image = (await rpc(client, client.images.get(GetImageRequest(name=ref)))).image
     assert image is not None and image.target is not None
     if image.target.media_type != MEDIA_TYPE_INDEX:
         raise InvalidArgument(f"image {ref} is not a checkpoint: its target is {image.target.media_type}")
@@ -250,15 +209,6 @@ async def find_checkpoint(client: Client, ref: str) -> Descriptor:
     raise NotFound(f"checkpoint not found in index {image.target.digest}")
 
 
-async def _read_blob(client: Client, digest: str) -> bytes:
-    from pyctr.api._pb.containerd.services.content.v1 import ReadContentRequest
-
-    async def read() -> bytes:
-        return b"".join([r.data async for r in client.content.read(ReadContentRequest(digest=digest))])
-
-    return await _call(client, read())
-
-
 async def restore_container(client: Client, container_id: str, ref: str, *, rw: bool) -> None:
     """Creates container ``container_id`` as checkpoint image ``ref`` recorded it (containerd's
     ``Restore`` with ``WithRestoreImage``/``Spec``/``Runtime``, and ``WithRestoreRW`` for ``rw``):
@@ -272,7 +222,7 @@ async def restore_container(client: Client, container_id: str, ref: str, *, rw: 
     from pyctr.api._pb.containerd.services.snapshots import v1 as spb
     from pyctr.ctr.imageops import image_config, read_json
 
-    image = (await _call(client, client.images.get(GetImageRequest(name=ref)))).image
+    image = (await rpc(client, client.images.get(GetImageRequest(name=ref)))).image
     assert image is not None and image.target is not None
     if image.target.media_type != MEDIA_TYPE_INDEX:
         raise InvalidArgument(f"image {ref} is not a checkpoint: its target is {image.target.media_type}")
@@ -284,10 +234,12 @@ async def restore_container(client: Client, container_id: str, ref: str, *, rw: 
         raise InvalidArgument(f"checkpoint {ref} names no image")
     if MEDIA_TYPE_CHECKPOINT_CONFIG not in by_type:
         raise NotFound(f"checkpoint {ref} has no spec ({MEDIA_TYPE_CHECKPOINT_CONFIG})")
-    spec = PbAny.parse(await _read_blob(client, by_type[MEDIA_TYPE_CHECKPOINT_CONFIG]["digest"]))
+    spec = PbAny.parse(await rpc(client, read_blob(client, by_type[MEDIA_TYPE_CHECKPOINT_CONFIG]["digest"])))
     options = None
     if MEDIA_TYPE_RUNTIME_OPTIONS in by_type:
-        options = PbAny.parse(await _read_blob(client, by_type[MEDIA_TYPE_RUNTIME_OPTIONS]["digest"]))
+        options = PbAny.parse(
+            await rpc(client, read_blob(client, by_type[MEDIA_TYPE_RUNTIME_OPTIONS]["digest"]))
+        )
     runtime = annotations.get("io.containerd.checkpoint.runtime") or DEFAULT_RUNTIME
     if options is None and runtime.startswith("io.containerd.runc."):
         options = PbAny(type_url="containerd.runc.v1.Options")  # what ctr run records, all defaults
@@ -300,14 +252,14 @@ async def restore_container(client: Client, container_id: str, ref: str, *, rw: 
 
     expiry = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 3600))
     lease = f"pyctr-restore-{uuid.uuid4().hex}"
-    await _call(
+    await rpc(
         client, client.leases.create(CreateRequest(id=lease, labels={"containerd.io/gc.expire": expiry}))
     )
     client.lease = lease
     prepared = False
     try:
         mounts = (
-            await _call(
+            await rpc(
                 client,
                 client.snapshots.prepare(
                     spb.PrepareSnapshotRequest(snapshotter=snapshotter, key=container_id, parent=chains[-1])
@@ -318,7 +270,7 @@ async def restore_container(client: Client, container_id: str, ref: str, *, rw: 
         if rw:
             layer = by_type[MEDIA_TYPE_LAYER_GZIP]
             desc = Descriptor(media_type=layer["mediaType"], digest=layer["digest"], size=int(layer["size"]))
-            await _call(client, client.diff.apply(ApplyRequest(diff=desc, mounts=list(mounts))))
+            await rpc(client, client.diff.apply(ApplyRequest(diff=desc, mounts=list(mounts))))
         container = cpb.Container(
             id=container_id,
             image=name,
@@ -327,11 +279,11 @@ async def restore_container(client: Client, container_id: str, ref: str, *, rw: 
             snapshotter=snapshotter,
             snapshot_key=container_id,
         )
-        await _call(client, client.containers.create(cpb.CreateContainerRequest(container=container)))
+        await rpc(client, client.containers.create(cpb.CreateContainerRequest(container=container)))
     except BaseException:
         if prepared:  # ours; a snapshot that existed before (the id in use) is not
             with contextlib.suppress(ContainerdError):
-                await _call(
+                await rpc(
                     client,
                     client.snapshots.remove(
                         spb.RemoveSnapshotRequest(snapshotter=snapshotter, key=container_id)
@@ -341,4 +293,4 @@ async def restore_container(client: Client, container_id: str, ref: str, *, rw: 
     finally:
         client.lease = ""
         with contextlib.suppress(ContainerdError):
-            await _call(client, client.leases.delete(DeleteRequest(id=lease)))
+            await rpc(client, client.leases.delete(DeleteRequest(id=lease)))

@@ -6,6 +6,7 @@ the way ``ctr`` does.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pyctr.api import errdefs, namespaces
@@ -26,6 +27,7 @@ if TYPE_CHECKING:  # the stubs are imported by the property that returns one
     from pyctr.api._pb.containerd.services.version.v1 import VersionStub
 
 S = TypeVar("S")
+T = TypeVar("T")
 
 
 class Client:
@@ -152,3 +154,15 @@ def translate(exc: BaseException, address: str) -> BaseException:
     if isinstance(exc, TimeoutError):
         return errdefs.DeadlineExceeded(f"call to {address} timed out")
     return exc
+
+
+async def rpc(client: Client, call: Awaitable[T]) -> T:
+    """Await a call, its status (or a transport failure) turned into our categorised errors so
+    callers can catch them."""
+    try:
+        return await call
+    except Exception as exc:
+        translated = translate(exc, client.address)
+        if translated is exc:
+            raise
+        raise translated from None

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from pyctr.api import platforms, typeurl
-from pyctr.api._pb.containerd.services.content.v1 import InfoRequest, ReadContentRequest
+from pyctr.api._pb.containerd.services.content.v1 import InfoRequest
 from pyctr.api._pb.containerd.services.images import v1 as pb
 from pyctr.api._pb.containerd.services.streaming.v1 import StreamInit
 from pyctr.api._pb.containerd.services.transfer.v1 import TransferOptions, TransferRequest
@@ -29,6 +29,7 @@ from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.errdefs import ContainerdError, InvalidArgument, NotFound
 from pyctr.ctr import output
 from pyctr.ctr.client import Client
+from pyctr.ctr.contentio import read_blob
 
 INDEX_TYPES = (
     "application/vnd.oci.image.index.v1+json",
@@ -44,10 +45,7 @@ MANIFEST_TYPES = (
 
 
 async def read_json(client: Client, digest: str) -> Any:
-    chunks = []
-    async for resp in client.content.read(ReadContentRequest(digest=digest)):
-        chunks.append(resp.data)
-    return json.loads(b"".join(chunks))
+    return json.loads(await read_blob(client, digest))
 
 
 async def describe(client: Client, image: pb.Image) -> tuple[int, list[str]]:

@@ -15,10 +15,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Awaitable
 from typing import Any, TypeVar
-
-from grpclib.exceptions import GRPCError
 
 from pyctr.api._pb.containerd.services.containers import v1 as cpb
 from pyctr.api._pb.containerd.services.snapshots import v1 as spb
@@ -28,7 +25,7 @@ from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api._pb.google.protobuf import FieldMask
 from pyctr.api.errdefs import FailedPrecondition, InvalidArgument, NotFound
 from pyctr.ctr import oci, output, stdio
-from pyctr.ctr.client import Client, translate
+from pyctr.ctr.client import Client, rpc
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,14 +69,6 @@ def register(sub: Any) -> None:
     )
     restore.add_argument("-d", "--detach", action="store_true", help="start and return")
     restore.set_defaults(func=restore_)
-
-
-async def rpc(client: Client, call: Awaitable[T]) -> T:
-    """Await a call, its status turned into our categorised errors so callers can catch them."""
-    try:
-        return await call
-    except GRPCError as exc:
-        raise translate(exc, client.address) from None
 
 
 def any_json(value: PbAny | None) -> Any:

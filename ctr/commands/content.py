@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 from collections.abc import AsyncIterator
-from typing import Any, BinaryIO
+from typing import Any
 
 from pyctr.api._pb.containerd.services.content.v1 import (
     DeleteContentRequest,
@@ -23,8 +23,7 @@ from pyctr.api._pb.containerd.services.content.v1 import (
 from pyctr.api._pb.google.protobuf import FieldMask
 from pyctr.ctr import output
 from pyctr.ctr.client import Client
-
-CHUNK = 1 << 20
+from pyctr.ctr.contentio import CHUNK, write_requests
 
 
 def register(sub: Any) -> None:
@@ -121,30 +120,13 @@ async def get_(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
-async def _requests(
-    ref: str, src: BinaryIO, total: int, expected: str, labels: dict[str, str], start: int
-) -> AsyncIterator[WriteContentRequest]:
-    loop = asyncio.get_running_loop()
-    yield WriteContentRequest(action=WriteAction.STAT, ref=ref, total=total, expected=expected)
-    offset = start
-    while True:
-        data = await loop.run_in_executor(None, src.read, CHUNK)
-        if not data:
-            break
-        yield WriteContentRequest(action=WriteAction.WRITE, ref=ref, offset=offset, data=data)
-        offset += len(data)
-    yield WriteContentRequest(
-        action=WriteAction.COMMIT, ref=ref, offset=offset, total=total, expected=expected, labels=labels
-    )
-
-
 async def ingest_(args: argparse.Namespace, client: Client) -> int:
     labels = output.parse_labels(args.label)
     src = sys.stdin.buffer
     digest = ""
     # The stream starts at offset 0: an earlier partial ingest of this ref is truncated, as ctr does
     # when it cannot seek its input.
-    requests = _requests(args.ref, src, args.expected_size, args.expected_digest, labels, 0)
+    requests = write_requests(args.ref, src, args.expected_size, args.expected_digest, labels)
     async for resp in client.content.write(requests):
         digest = resp.digest or digest
     print(digest, file=sys.stderr if os.isatty(1) else sys.stdout)

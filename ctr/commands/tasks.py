@@ -32,9 +32,8 @@ from pyctr.api._pb.containerd.v1.types import Process, Status
 from pyctr.api._pb.google.protobuf import Any as PbAny
 from pyctr.api.errdefs import FailedPrecondition, InvalidArgument, NotFound
 from pyctr.ctr import attach, checkpoint, oci, output, rootfs, stdio, users
-from pyctr.ctr.client import Client
+from pyctr.ctr.client import Client, rpc
 from pyctr.ctr.commands import containers
-from pyctr.ctr.commands.containers import rpc
 
 PROCESS_TYPE_URL = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 STOP_SIGNAL_LABEL = "io.containerd.image.config.stop-signal"

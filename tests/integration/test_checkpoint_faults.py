@@ -23,7 +23,8 @@ from pyctr.api._pb.containerd.services.tasks import v1 as tpb
 from pyctr.api._pb.containerd.types import Descriptor
 from pyctr.api.errdefs import ContainerdError, InvalidArgument, NotFound, NotImplementedErr
 from pyctr.ctr import checkpoint
-from pyctr.ctr.client import Client
+from pyctr.ctr.client import Client, rpc
+from pyctr.ctr.contentio import write_blob
 from tests.helpers import daemons, images
 from tests.helpers.daemons import mounts_under
 from tests.helpers.streams import wait_for
@@ -55,9 +56,9 @@ def create_from(env: Env, cid: str, blob: bytes | None, desc: Descriptor) -> Con
     async def go() -> ContainerdError | None:
         with Client(env.d.address, env.ns, timeout=30) as c:
             if blob is not None:
-                await checkpoint._write_blob(c, f"test-{cid}", blob, {})
+                await write_blob(c, f"test-{cid}", blob, {})
             try:
-                info = (await checkpoint._call(c, c.containers.get(GetContainerRequest(id=cid)))).container
+                info = (await rpc(c, c.containers.get(GetContainerRequest(id=cid)))).container
                 assert info is not None
                 mounts = (
                     await c.snapshots.mounts(
@@ -65,7 +66,7 @@ def create_from(env: Env, cid: str, blob: bytes | None, desc: Descriptor) -> Con
                     )
                 ).mounts
                 req = tpb.CreateTaskRequest(container_id=cid, rootfs=list(mounts), checkpoint=desc)
-                await checkpoint._call(c, c.tasks.create(req))
+                await rpc(c, c.tasks.create(req))
             except ContainerdError as exc:
                 return exc
             return None

@@ -26,7 +26,7 @@ import pytest
 
 from pyctr.api import binaries
 from pyctr.api._pb.google.protobuf import Any as PbAny
-from pyctr.ctr import checkpoint
+from pyctr.ctr.contentio import read_blob, write_blob
 from tests.helpers import criu, daemons
 from tests.helpers.streams import LineReader, stop_process
 from tests.interop import test_ctr_run
@@ -348,15 +348,15 @@ async def copy_image(src: Ctr, dst: Ctr, name: str) -> None:
     with Client(src.d.address, src.ns, timeout=30) as a, Client(dst.d.address, dst.ns, timeout=30) as b:
         image = (await a.images.get(GetImageRequest(name=name))).image
         assert image is not None and image.target is not None
-        index = await checkpoint._read_blob(a, image.target.digest)
+        index = await read_blob(a, image.target.digest)
         await b.leases.create(CreateRequest(id="copy-checkpoint"))
         b.lease = "copy-checkpoint"
         labels = {}
         for i, m in enumerate(json.loads(index)["manifests"]):
             labels[f"containerd.io/gc.ref.content.{i}"] = m["digest"]
             if m["mediaType"] != MANIFEST:
-                await checkpoint._write_blob(b, m["digest"], await checkpoint._read_blob(a, m["digest"]), {})
-        await checkpoint._write_blob(b, image.target.digest, index, labels)
+                await write_blob(b, m["digest"], await read_blob(a, m["digest"]), {})
+        await write_blob(b, image.target.digest, index, labels)
         await b.images.create(CreateImageRequest(image=image))
         b.lease = ""
         await b.leases.delete(DeleteRequest(id="copy-checkpoint"))
